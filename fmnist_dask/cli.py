@@ -1,0 +1,132 @@
+"""Command line: ``fmnist-dask run``, ``fmnist-dask fetch``.
+
+Exit codes: 0 success, 1 unexpected error, 2 bad job spec or usage, 3 bad input data,
+4 cluster unreachable or unusable, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_INPUT, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+DEFAULT_JOB = Path("jobs/fashion_mnist.yaml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fmnist-dask",
+        description="Distributed unsupervised analysis of Fashion-MNIST on Dask.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job spec on a Dask cluster")
+    run.add_argument("job", nargs="?", type=Path, default=DEFAULT_JOB,
+                     help=f"job spec YAML (default {DEFAULT_JOB})")
+    run.add_argument("--data", help="directory (or URL) of the input files (data.dir)")
+    run.add_argument("--out", help="directory for run directories (output_dir)")
+    run.add_argument("--cluster", help="cluster config YAML (see cluster_config/)")
+    run.add_argument("--scheduler", help="address of a running scheduler, e.g. tcp://host:8786")
+    run.add_argument("--seed", type=int, help="random seed for every stage")
+    run.add_argument("--run-name", help="name of the run directory (default <job>-<time>)")
+    run.add_argument("--limit-rows", type=int, help="read at most N rows of each split")
+    run.add_argument("--on-bad-rows", choices=["error", "quarantine"],
+                     help="stop on a bad row, or set bad rows aside in rejected.parquet")
+    verbosity = run.add_mutually_exclusive_group()
+    verbosity.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    verbosity.add_argument("--verbose", action="store_true", help="debug logging")
+
+    fetch = sub.add_parser("fetch", help="get the official Fashion-MNIST files (sha256-checked)")
+    fetch.add_argument("--dest", type=Path, default=Path("data/fashion-mnist"),
+                       help="where to put the files (default data/fashion-mnist)")
+    fetch.add_argument("--mirror", type=Path,
+                       help="copy from this local directory instead of downloading "
+                            "(default: $FMNIST_MIRROR when set)")
+    fetch.add_argument("--csv", action="store_true",
+                       help="also write fashion-mnist_{train,test}.csv (Kaggle layout)")
+    fetch.add_argument("--gzip", action="store_true", help="gzip the CSV files")
+    return parser
+
+
+def _configure_logging(quiet: bool = False, verbose: bool = False) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    ours = logging.getLogger("fmnist_dask")
+    ours.setLevel(level)
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        ours.addHandler(handler)
+        ours.propagate = False
+    import distributed  # noqa: F401  (sets its own logger levels on import; override them)
+
+    quiet_level = logging.DEBUG if verbose else logging.WARNING
+    for name in ("distributed", "bokeh", "tornado", *[
+        n for n in logging.root.manager.loggerDict if n.startswith("distributed.")
+    ]):
+        logging.getLogger(name).setLevel(quiet_level)
+    # p2p shuffles announce themselves at WARNING level on every run.
+    if not verbose:
+        logging.getLogger("distributed.shuffle").setLevel(logging.ERROR)
+        logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from fmnist_dask.fetch import default_mirror, fetch, write_csv
+
+    mirror = args.mirror or default_mirror()
+    placed = fetch(args.dest, mirror=mirror)
+    for path in placed:
+        print(f"verified {path}")
+    if args.csv:
+        for path in write_csv(args.dest, args.dest, compress=args.gzip):
+            print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fmnist_dask.config import load_job_spec
+    from fmnist_dask.pipeline import run_job
+
+    overrides = {
+        "data.dir": args.data, "output_dir": args.out, "cluster.config": args.cluster,
+        "cluster.scheduler": args.scheduler, "seed": args.seed,
+        "data.limit_rows": args.limit_rows, "clean.on_bad_rows": args.on_bad_rows,
+    }
+    spec = load_job_spec(args.job, overrides)
+    run_dir = run_job(spec, run_name=args.run_name)
+    print(run_dir)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fmnist-dask`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    _configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    from fmnist_dask.config import SpecError
+    from fmnist_dask.dask_cluster import ClusterConfigError, ClusterError
+    from fmnist_dask.fetch import ChecksumError
+    from fmnist_dask.stages.clean import BadRowsError
+    from fmnist_dask.stages.load import InputError
+
+    handlers = {"run": _cmd_run, "fetch": _cmd_fetch}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("fmnist-dask: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (SpecError, ClusterConfigError) as error:
+        print(f"fmnist-dask: {error}", file=sys.stderr)
+        return EXIT_SPEC
+    except ClusterError as error:
+        print(f"fmnist-dask: cluster error: {error}", file=sys.stderr)
+        return EXIT_CLUSTER
+    except (InputError, BadRowsError, ChecksumError, FileNotFoundError, FileExistsError) as error:
+        print(f"fmnist-dask: input error: {error}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

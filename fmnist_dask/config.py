@@ -1,0 +1,149 @@
+"""The typed job spec: a YAML file in ``jobs/`` loaded into validated settings.
+
+Unknown keys and wrong types are rejected with a message naming the key, so a typo in a
+job file stops the run before any work starts instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    """Where the images come from.
+
+    ``splits`` maps a split name to one path, glob or fsspec URL (or a list of them).
+    Relative paths resolve against ``dir``. For ``format: idx`` each path names an images
+    file; its labels file is found by the official naming (``images-idx3`` -> ``labels-idx1``).
+    """
+
+    format: Literal["csv", "parquet", "idx"] = "csv"
+    dir: str = "data/fashion-mnist"
+    splits: dict[str, str | list[str]] = Field(
+        default_factory=lambda: {
+            "train": "fashion-mnist_train.csv",
+            "test": "fashion-mnist_test.csv",
+        }
+    )
+    blocksize: str = "16MiB"
+    limit_rows: int | None = Field(default=None, ge=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _non_empty(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError("at least one split is needed")
+        return value
+
+
+class CleanSpec(_Strict):
+    """Validation and deduplication settings."""
+
+    on_bad_rows: Literal["error", "quarantine"] = "error"
+    dedup_key: Literal["label+pixels", "pixels"] = "label+pixels"
+
+
+class EdaSpec(_Strict):
+    """Exploration plots."""
+
+    enabled: bool = True
+    histogram_bins: int = Field(default=50, ge=2, le=256)
+    sample_grid: int = Field(default=3, ge=1, le=10)
+
+
+class ReduceSpec(_Strict):
+    """PCA settings."""
+
+    enabled: bool = True
+    n_components: int = Field(default=10, ge=1, le=784)
+
+
+class KMeansSpec(_Strict):
+    """k-means settings, used for raw pixels and for the PCA projection."""
+
+    enabled: bool = True
+    n_clusters: int = Field(default=10, ge=2)
+    max_iter: int = Field(default=300, ge=1)
+    tol: float = Field(default=1e-4, gt=0)
+
+
+class ScoreSpec(_Strict):
+    """Scoring settings."""
+
+    silhouette: Literal["auto", "exact", "sampled", "off"] = "auto"
+    exact_silhouette_max_rows: int = Field(default=100_000, ge=2)
+    silhouette_sample_size: int = Field(default=10_000, ge=2)
+
+
+class ClusterRef(_Strict):
+    """Which Dask cluster to run on: a file in ``cluster_config/`` or a scheduler address."""
+
+    config: str | None = None
+    scheduler: str | None = None
+
+
+class JobSpec(_Strict):
+    """A whole job."""
+
+    name: str = "fashion-mnist"
+    seed: int = 0
+    output_dir: str = "outputs"
+    data: DataSpec = DataSpec()
+    clean: CleanSpec = CleanSpec()
+    eda: EdaSpec = EdaSpec()
+    reduce: ReduceSpec = ReduceSpec()
+    kmeans: KMeansSpec = KMeansSpec()
+    scores: ScoreSpec = ScoreSpec()
+    cluster: ClusterRef = ClusterRef()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job spec"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_job_spec(raw: dict[str, Any], source: str = "<job spec>") -> JobSpec:
+    """Validate a mapping as a :class:`JobSpec`, raising :class:`SpecError` naming keys."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a job spec must be a mapping, got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_describe(error, source)) from None
+
+
+def load_job_spec(path: Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read a YAML job spec and apply dotted-key overrides (``{"data.dir": "x"}``)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise SpecError(f"{path}: job spec not found") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_job_spec(raw, str(path))

@@ -1,0 +1,48 @@
+"""The orchestrator: runs the stages in order and records each one's wall time.
+
+Each stage is a function from dask collections to dask collections plus the artefacts it
+writes into the run directory; this module only wires them together.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fmnist_dask.config import JobSpec
+from fmnist_dask.dask_cluster import load_cluster_config, open_cluster
+from fmnist_dask.rundir import default_run_name, open_run
+from fmnist_dask.stages import clean, eda, load
+
+logger = logging.getLogger("fmnist_dask")
+
+
+def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
+    """Run the whole job described by ``spec``; return the finished run directory."""
+    target = load_cluster_config(
+        Path(spec.cluster.config) if spec.cluster.config else None, spec.cluster.scheduler
+    )
+    manifest = {"job": spec.model_dump(mode="json")}
+    name = run_name or default_run_name(spec.name)
+    with open_run(Path(spec.output_dir), name, manifest) as run, open_cluster(target) as session:
+        manifest["cluster"] = session.description
+        manifest["dashboard_link"] = session.dashboard_link
+        logger.info("Dask dashboard: %s", session.dashboard_link or "(none)")
+        logger.info("run directory (while running): %s", run.dir)
+        log = logger.info
+
+        with run.stage("load", log) as record:
+            raw, pieces, files = load.load(spec.data)
+            record.update(inputs=files, partitions=len(pieces))
+        with run.stage("clean", log) as record:
+            counts = clean.clean(raw, pieces, files, spec.clean, run.dir)
+            manifest["rows"] = counts.as_dict()
+            record["rows"] = counts.as_dict()["total"]
+        data = clean.load_cleaned(run.dir)
+        if spec.eda.enabled:
+            with run.stage("eda", log) as record:
+                manifest["eda"] = eda.explore(data, list(counts.read), spec.eda, run.dir, spec.seed)
+                record.update(pixel_mean=manifest["eda"]["pixel_mean"],
+                              pixel_std=manifest["eda"]["pixel_std"])
+    logger.info("run directory: %s", run.dir)
+    return run.dir

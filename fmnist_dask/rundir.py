@@ -1,0 +1,126 @@
+"""The run directory: written under a temporary name, renamed only when the run succeeds.
+
+``outputs/.<run-name>.incomplete/`` while the job runs; ``outputs/<run-name>/`` once it has
+finished; ``outputs/<run-name>.failed/`` (manifest ``status: failed``) when it raised. So a
+failed or interrupted run never looks like a finished one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+PACKAGES = (
+    "fmnist-dask", "dask", "distributed", "dask-ml", "numpy", "pandas", "scipy",
+    "scikit-learn", "matplotlib", "pyarrow", "openTSNE", "pyamg",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages the results depend on."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def default_run_name(job_name: str) -> str:
+    """``<job name>-<UTC timestamp>``: sortable and unique per second."""
+    return f"{job_name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+
+
+@dataclass
+class Run:
+    """A run in progress: its directory, its manifest, and per-stage timings."""
+
+    final_dir: Path
+    dir: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str, log=print) -> Iterator[dict[str, Any]]:
+        """Time a stage; its wall time and details go to ``manifest["stages"][name]``."""
+        record: dict[str, Any] = {"status": "running"}
+        self.manifest.setdefault("stages", {})[name] = record
+        log(f"[{name}] started")
+        start = time.perf_counter()
+        try:
+            yield record
+        except BaseException:
+            record["status"] = "failed"
+            raise
+        finally:
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            self.write_manifest()
+        record["status"] = "done"
+        self.write_manifest()
+        log(f"[{name}] done in {record['seconds']:.1f} s")
+
+    def write_manifest(self) -> Path:
+        """Write ``manifest.json`` atomically (temporary file then rename)."""
+        path = self.dir / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.manifest, indent=2, default=str) + "\n")
+        tmp.replace(path)
+        return path
+
+
+@contextmanager
+def open_run(output_dir: Path, run_name: str, manifest: dict[str, Any]) -> Iterator[Run]:
+    """Create the temporary run directory; rename it to its final name on success.
+
+    Raises ``FileExistsError`` if a finished run of that name exists already.
+    """
+    output_dir = Path(output_dir)
+    final_dir = output_dir / run_name
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir}: a run of that name exists already")
+    tmp_dir = output_dir / f".{run_name}.incomplete"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    run = Run(final_dir=final_dir, dir=tmp_dir, manifest=manifest)
+    started = time.perf_counter()
+    manifest.update(
+        run_name=run_name,
+        status="running",
+        started_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        command=sys.argv,
+        versions=package_versions(),
+    )
+    run.write_manifest()
+    try:
+        yield run
+    except KeyboardInterrupt:
+        manifest.update(status="interrupted", seconds=round(time.perf_counter() - started, 3))
+        run.write_manifest()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    except BaseException as error:
+        manifest.update(status="failed", error=f"{type(error).__name__}: {error}",
+                        seconds=round(time.perf_counter() - started, 3))
+        run.write_manifest()
+        failed = output_dir / f"{run_name}.failed"
+        if failed.exists():
+            shutil.rmtree(failed)
+        tmp_dir.rename(failed)
+        raise
+    manifest.update(status="succeeded", seconds=round(time.perf_counter() - started, 3),
+                    finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    run.write_manifest()
+    tmp_dir.rename(final_dir)
+    run.dir = final_dir
