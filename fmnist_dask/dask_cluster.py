@@ -1,0 +1,799 @@
+"""Connect the job to a Dask cluster: a local one, an existing scheduler, or HPC/Kubernetes.
+
+A cluster *target* is a validated YAML file from ``cluster_config/`` (``--cluster FILE``) or a
+scheduler address (``--scheduler ADDRESS``)::
+
+    target = load_cluster_config(Path("cluster_config/remote.yaml"))
+    with open_cluster(target) as session:
+        session.client            # distributed.Client, set as the default scheduler
+        session.dashboard_link    # str or None
+        session.description       # JSON-able summary, without secrets or key material
+
+On connecting, the workers are checked: they must import ``fmnist_dask`` and run the same
+versions of the key packages as the client, otherwise :class:`ClusterError` names the package,
+the worker and both versions.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import importlib
+import logging
+import threading
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Distribution name -> import name of the packages that must match between client and workers.
+KEY_PACKAGES: dict[str, str] = {
+    "fmnist-dask": "fmnist_dask",
+    "dask": "dask",
+    "distributed": "distributed",
+    "numpy": "numpy",
+    "pandas": "pandas",
+    "scikit-learn": "sklearn",
+    "dask-ml": "dask_ml",
+}
+#: Packages the scheduler must match too (it does not run the job's code).
+SCHEDULER_PACKAGES = ("dask", "distributed")
+DEFAULT_SCHEDULER_PORT = 8786
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be used: unreachable, refused, no workers, or mismatched workers."""
+
+
+class ClusterConfigError(ClusterError, ValueError):
+    """A cluster configuration file or ``--scheduler`` address is invalid."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration models
+# ---------------------------------------------------------------------------------------------
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def public_settings(self) -> dict[str, Any]:
+        """Settings safe to write to a manifest or log (no key material, no env values)."""
+        return self.model_dump(mode="json")
+
+
+def _machine_cpus() -> int:
+    from dask.system import CPU_COUNT  # honours CPU affinity and cgroup quotas
+
+    return int(CPU_COUNT)
+
+
+def _machine_memory() -> int:
+    from distributed.system import MEMORY_LIMIT  # total RAM, capped by cgroup limits
+
+    return int(MEMORY_LIMIT)
+
+
+def _parse_bytes(value: int | str, key: str) -> int:
+    from dask.utils import parse_bytes
+
+    try:
+        size = int(value) if isinstance(value, int) else int(parse_bytes(value))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{key} must be bytes or a size like '4GiB', got {value!r}") from exc
+    if size <= 0:
+        raise ValueError(f"{key} must be positive, got {value!r}")
+    return size
+
+
+class LocalConfig(_Config):
+    """A ``LocalCluster`` of worker processes on this machine.
+
+    ``None`` fields are sized for the machine when the file is loaded: dask's own split of the
+    CPU count into processes x threads (2 cores -> 2 workers x 1 thread) and 80% of the RAM
+    (cgroup-aware) shared equally between the workers.
+    """
+
+    kind: Literal["local"] = "local"
+    n_workers: int | None = Field(default=None, ge=1)
+    threads_per_worker: int | None = Field(default=None, ge=1)
+    memory_limit: int | str | None = None  # per worker; bytes or "4GiB"
+    dashboard_address: str | None = "127.0.0.1:8787"  # a random port if 8787 is busy
+    host: str = "127.0.0.1"
+    local_directory: Path | None = None  # where workers spill to disk
+    # Fractions of memory_limit (distributed.worker.memory.*): start spilling at target/spill,
+    # pause new tasks at pause, restart the worker at terminate.
+    memory_target: float = Field(default=0.6, gt=0, le=1)
+    memory_spill: float = Field(default=0.7, gt=0, le=1)
+    memory_pause: float = Field(default=0.8, gt=0, le=1)
+    memory_terminate: float = Field(default=0.95, gt=0, le=1)
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_bytes(cls, value: int | str | None) -> int | None:
+        return None if value is None else _parse_bytes(value, "memory_limit")
+
+    @field_validator("local_directory")
+    @classmethod
+    def _relative_to_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _size_for_machine(self) -> LocalConfig:
+        from distributed.deploy.utils import nprocesses_nthreads
+
+        cpus = _machine_cpus()
+        if self.n_workers is None and self.threads_per_worker is None:
+            n_workers, threads = nprocesses_nthreads(cpus)
+        elif self.n_workers is None:
+            threads = self.threads_per_worker
+            n_workers = max(1, cpus // threads)
+        elif self.threads_per_worker is None:
+            n_workers = self.n_workers
+            threads = max(1, cpus // n_workers)
+        else:
+            n_workers, threads = self.n_workers, self.threads_per_worker
+        memory = self.memory_limit or int(0.8 * _machine_memory() / n_workers)
+        fractions = [self.memory_target, self.memory_spill, self.memory_pause,
+                     self.memory_terminate]
+        if fractions != sorted(fractions):
+            raise ValueError(
+                "memory fractions must satisfy memory_target <= memory_spill <= memory_pause "
+                f"<= memory_terminate, got {fractions}"
+            )
+        # frozen model: write the resolved values through the instance dict
+        object.__setattr__(self, "n_workers", n_workers)
+        object.__setattr__(self, "threads_per_worker", threads)
+        object.__setattr__(self, "memory_limit", memory)
+        return self
+
+
+def _check_address(value: str, schemes: tuple[str, ...], key: str = "address") -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        wanted = " or ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"{key} must start with {wanted}, got {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"{key} has no host: {value!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{key} has an invalid port: {value!r}") from exc
+    if port is None:
+        raise ValueError(
+            f"{key} needs a port, e.g. {parts.scheme}://{parts.hostname}:{DEFAULT_SCHEDULER_PORT}"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{key} must be scheme://host:port only, got {value!r}")
+    return value.rstrip("/")
+
+
+class RemoteConfig(_Config):
+    """An existing scheduler reached over plain TCP (trusted networks only)."""
+
+    kind: Literal["remote"]
+    address: str
+    connect_timeout: float = Field(default=30.0, gt=0)  # seconds
+    min_workers: int = Field(default=1, ge=1)  # wait until this many workers are connected
+    workers_timeout: float = Field(default=60.0, gt=0)  # seconds to wait for min_workers
+
+    @field_validator("address")
+    @classmethod
+    def _tcp(cls, value: str) -> str:
+        return _check_address(value, ("tcp",))
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the directory of the config file."""
+    base = (info.context or {}).get("base_dir")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path
+
+
+class RemoteTLSConfig(_Config):
+    """An existing scheduler reached over mutual TLS (``tls://``).
+
+    The client presents ``cert_file``/``key_file`` and trusts only schedulers whose certificate
+    is signed by ``ca_file``; the scheduler in turn refuses clients without a certificate from
+    its CA. Relative paths are relative to the config file.
+    """
+
+    kind: Literal["remote-tls"]
+    address: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    connect_timeout: float = Field(default=30.0, gt=0)
+    min_workers: int = Field(default=1, ge=1)
+    workers_timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _tls(cls, value: str) -> str:
+        return _check_address(value, ("tls",))
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _existing_file(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    def public_settings(self) -> dict[str, Any]:
+        # Certificates are public, but the key's location is kept out of manifests and logs.
+        return {"kind": self.kind, "address": self.address, "ca_file": str(self.ca_file),
+                "cert_file": str(self.cert_file), "connect_timeout": self.connect_timeout,
+                "min_workers": self.min_workers, "workers_timeout": self.workers_timeout}
+
+
+class SlurmConfig(_Config):
+    """Workers as SLURM batch jobs via ``dask_jobqueue.SLURMCluster`` (optional package).
+
+    Each job runs ``processes`` workers sharing ``cores`` and ``memory``. The compute nodes must
+    see the same Python environment (e.g. ``job_script_prologue: ["source venv/bin/activate"]``).
+    """
+
+    kind: Literal["slurm"]
+    queue: str | None = None  # SLURM partition (#SBATCH -p)
+    account: str | None = None  # #SBATCH -A
+    cores: int = Field(ge=1)  # per job
+    memory: str  # per job, e.g. "16GiB"
+    processes: int = Field(default=1, ge=1)  # workers per job
+    walltime: str = "01:00:00"
+    n_jobs: int = Field(default=1, ge=1)
+    job_extra_directives: list[str] = Field(default_factory=list)
+    job_script_prologue: list[str] = Field(default_factory=list)
+    interface: str | None = None  # network interface of the nodes, e.g. "ib0"
+    local_directory: str | None = None  # node-local scratch for spilling, e.g. "$TMPDIR"
+    log_directory: str | None = None
+    python: str | None = None  # Python executable on the nodes
+    dashboard_address: str = ":8787"
+    min_workers: int = Field(default=1, ge=1)
+    workers_timeout: float = Field(default=600.0, gt=0)  # jobs may wait in the queue
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        _parse_bytes(value, "memory")
+        return value
+
+
+class KubernetesResources(_Config):
+    requests: dict[str, str] = Field(default_factory=dict)  # e.g. {cpu: "1", memory: "4Gi"}
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+class KubernetesConfig(_Config):
+    """A cluster created by the Dask Kubernetes operator (``dask_kubernetes.operator``).
+
+    ``image`` must contain this project (same versions as the client).
+    """
+
+    kind: Literal["kubernetes"]
+    name: str = "fmnist-dask"
+    namespace: str | None = None
+    image: str
+    n_workers: int = Field(default=2, ge=1)
+    resources: KubernetesResources = Field(default_factory=KubernetesResources)
+    env: dict[str, str] = Field(default_factory=dict)
+    worker_command: str = "dask worker"
+    scheduler_service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port_forward_cluster_ip: bool | None = None
+    shutdown_on_close: bool = True
+    resource_timeout: int = Field(default=60, ge=1)  # seconds for k8s resources to come up
+    min_workers: int = Field(default=1, ge=1)
+    workers_timeout: float = Field(default=600.0, gt=0)
+
+    def public_settings(self) -> dict[str, Any]:
+        settings = self.model_dump(mode="json")
+        settings["env"] = sorted(self.env)  # names only: values may be credentials
+        return settings
+
+
+ClusterTarget = Annotated[
+    LocalConfig | RemoteConfig | RemoteTLSConfig | SlurmConfig | KubernetesConfig,
+    Field(discriminator="kind"),
+]
+_TARGET_ADAPTER: TypeAdapter = TypeAdapter(ClusterTarget)
+_KINDS = ("local", "remote", "remote-tls", "slurm", "kubernetes")
+_MODELS = {"local": LocalConfig, "remote": RemoteConfig, "remote-tls": RemoteTLSConfig,
+           "slurm": SlurmConfig, "kubernetes": KubernetesConfig}
+
+
+def _format_validation_error(exc: ValidationError, source: str, data: Any) -> str:
+    """One line per problem, each naming the key (dotted for nested keys) and the file."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        if loc and loc[0] == kind:  # the discriminated union puts the kind first
+            loc = loc[1:]
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            got = f", got {kind!r}" if kind is not None else ""
+            lines.append(f"key 'kind': must be one of {', '.join(_KINDS)}{got}")
+        elif err["type"] == "extra_forbidden":
+            allowed = ""
+            model = _MODELS.get(kind) if len(loc) == 1 else None
+            if model is not None:
+                allowed = f" (allowed keys: {', '.join(model.model_fields)})"
+            lines.append(f"unknown key '{key}'{allowed}")
+        elif err["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"key '{key}': {message} (got {err.get('input')!r})")
+    return f"invalid cluster config {source}:\n  " + "\n  ".join(lines)
+
+
+def validate_cluster_config(
+    data: Any, source: str = "<dict>", base_dir: Path | None = None
+) -> ClusterTarget:
+    """Validate a mapping as a cluster target; raise :class:`ClusterConfigError` naming keys."""
+    if not isinstance(data, dict):
+        raise ClusterConfigError(
+            f"invalid cluster config {source}: expected a mapping of keys, got "
+            f"{type(data).__name__}"
+        )
+    try:
+        return _TARGET_ADAPTER.validate_python(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise ClusterConfigError(_format_validation_error(exc, source, data)) from None
+
+
+def _scheduler_target(scheduler: str, base: ClusterTarget | None, source: str) -> ClusterTarget:
+    address = scheduler.strip()
+    if "://" not in address:
+        address = f"tcp://{address}"
+    scheme = address.split("://", 1)[0]
+    if scheme == "tcp":
+        if base is not None and not isinstance(base, RemoteConfig):
+            raise ClusterConfigError(
+                f"--scheduler {scheduler} is a plain TCP address but {source} has kind "
+                f"'{base.kind}'; use a kind: remote config or no --cluster"
+            )
+        settings = base.model_dump() if base is not None else {"kind": "remote"}
+    elif scheme == "tls":
+        if not isinstance(base, RemoteTLSConfig):
+            raise ClusterConfigError(
+                f"--scheduler {scheduler} needs certificates: pass --cluster with a "
+                "kind: remote-tls config (ca_file, cert_file, key_file)"
+            )
+        settings = base.model_dump()
+    else:
+        raise ClusterConfigError(
+            f"--scheduler {scheduler}: unsupported protocol '{scheme}://' (use tcp:// or tls://)"
+        )
+    settings["address"] = address
+    try:
+        return _TARGET_ADAPTER.validate_python(settings)
+    except ValidationError as exc:
+        message = _format_validation_error(exc, "--scheduler", settings)
+        raise ClusterConfigError(message) from None
+
+
+def load_cluster_config(path: Path | None, scheduler: str | None = None) -> ClusterTarget:
+    """Load the cluster target from ``--cluster FILE`` and/or ``--scheduler ADDRESS``.
+
+    Parameters
+    ----------
+    path : Path or None
+        YAML file with a ``kind`` key (see ``cluster_config/``). Relative file paths inside it
+        are relative to the file's directory.
+    scheduler : str or None
+        Scheduler address. ``host:port`` or ``tcp://host:port`` gives a ``remote`` target (or
+        overrides the address of a ``remote`` file); ``tls://host:port`` overrides the address
+        of a ``remote-tls`` file, which supplies the certificates.
+
+    Returns
+    -------
+    ClusterTarget
+        Validated configuration; ``None, None`` gives the default local cluster sized for this
+        machine.
+
+    Raises
+    ------
+    ClusterConfigError
+        Unreadable file, bad YAML, unknown or missing keys, wrong types; the message names the
+        key and the file.
+    """
+    base: ClusterTarget | None = None
+    source = "--scheduler"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ClusterConfigError(f"cannot read cluster config {path}: {exc}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ClusterConfigError(f"cluster config {path} is not valid YAML: {exc}") from None
+        base = validate_cluster_config(data, source, base_dir=path.resolve().parent)
+    if scheduler is not None:
+        return _scheduler_target(scheduler, base, source)
+    return base if base is not None else LocalConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker environment check
+# ---------------------------------------------------------------------------------------------
+
+
+def _environment_probe(packages: dict[str, str]) -> dict[str, list]:
+    """``{distribution: [version or None, error or None]}`` plus ``python``, where it runs.
+
+    Imports ``fmnist_dask`` for real (the job's tasks need it) and reads the others' installed
+    metadata after checking their modules can be found. Self-contained: it is shipped by value.
+    """
+    import importlib
+    import importlib.metadata
+    import importlib.util
+    import sys
+
+    result: dict[str, list] = {"python": [f"{sys.version_info[0]}.{sys.version_info[1]}", None]}
+    for dist, module_name in packages.items():
+        try:
+            if module_name == "fmnist_dask":
+                module = importlib.import_module(module_name)
+                version = getattr(module, "__version__", None)
+                version = version or importlib.metadata.version(dist)
+            else:
+                if importlib.util.find_spec(module_name) is None:
+                    raise ModuleNotFoundError(f"No module named {module_name!r}")
+                version = importlib.metadata.version(dist)
+            result[dist] = [str(version), None]
+        except Exception as exc:  # any failure means the worker cannot run the job
+            result[dist] = [None, f"{type(exc).__name__}: {exc}"]
+    return result
+
+
+def _by_value(func: Callable) -> Callable:
+    """A copy of ``func`` that cloudpickle ships by value, not as ``fmnist_dask.<name>``.
+
+    A worker without fmnist_dask could not unpickle a by-reference function from this module,
+    which is exactly the case the probe must report.
+    """
+    namespace = {"__builtins__": builtins, "__name__": "_fmnist_dask_probe"}
+    return types.FunctionType(func.__code__, namespace, func.__name__, func.__defaults__)
+
+
+T = TypeVar("T")
+
+
+def _call_with_timeout(func: Callable[[], T], timeout: float, what: str) -> T:
+    """Run a blocking client call in a helper thread so an unresponsive cluster cannot hang us."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = func()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"fmnist-dask-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise ClusterError(f"{what} did not answer within {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def local_versions() -> dict[str, str | None]:
+    """Versions of the key packages (and Python major.minor) in this process."""
+    return {name: info[0] for name, info in _environment_probe(dict(KEY_PACKAGES)).items()}
+
+
+def check_worker_environments(client: Any, timeout: float = 60.0) -> dict[str, str | None]:
+    """Raise :class:`ClusterError` unless every worker matches this client's key packages.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Connected client.
+    timeout : float
+        Seconds to wait for the workers' and the scheduler's answers.
+
+    Returns
+    -------
+    dict
+        The client's versions ``{package: version}`` (they equal the workers').
+    """
+    mine = _environment_probe(dict(KEY_PACKAGES))
+    probe = _by_value(_environment_probe)
+    workers = _call_with_timeout(
+        lambda: client.run(probe, dict(KEY_PACKAGES), on_error="return"), timeout,
+        "the workers' environment check",
+    )
+    scheduler = _call_with_timeout(
+        lambda: client.get_versions(packages=list(SCHEDULER_PACKAGES))["scheduler"], timeout,
+        "the scheduler's version report",
+    )
+    problems: list[str] = []
+    for address, answer in sorted(workers.items()):
+        if isinstance(answer, BaseException):
+            problems.append(f"worker {address}: environment check failed "
+                            f"({type(answer).__name__}: {answer})")
+            continue
+        for name, (version, _) in mine.items():
+            theirs, error = answer.get(name, [None, "not reported"])
+            if error is not None:
+                problems.append(
+                    f"{name}: worker {address} cannot import it ({error}); "
+                    f"the client has {version}"
+                )
+            elif theirs != version:
+                problems.append(f"{name}: worker {address} has {theirs}, the client has {version}")
+    sched_packages = (scheduler or {}).get("packages", {})
+    for name in SCHEDULER_PACKAGES:
+        theirs = sched_packages.get(name)
+        if theirs != mine[name][0]:
+            problems.append(f"{name}: the scheduler has {theirs}, the client has {mine[name][0]}")
+    if problems:
+        raise ClusterError(
+            "the cluster's environment does not match this client:\n  - "
+            + "\n  - ".join(problems)
+            + "\nInstall this project and the same package versions on every worker "
+            "(see docs/cluster.md)."
+        )
+    return {name: info[0] for name, info in mine.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a cluster
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSession:
+    """A connected client and what it is connected to.
+
+    Attributes
+    ----------
+    client : distributed.Client
+        The job's client (also the default scheduler for dask collections).
+    target : ClusterTarget
+        The configuration that was opened.
+    dashboard_link : str or None
+        URL of the scheduler's dashboard, None when it has none.
+    description : dict
+        JSON-able: kind, scheduler address, dashboard link, workers (name, threads, memory
+        limit in bytes), key package versions, public settings. No secrets or key material.
+    cluster : object or None
+        The cluster manager this session started (local, SLURM, Kubernetes), else None.
+    """
+
+    client: Any
+    target: Any
+    dashboard_link: str | None
+    description: dict[str, Any]
+    cluster: Any = None
+
+
+def _optional_import(module: str, package: str, kind: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ClusterError(
+            f"kind: {kind} needs the optional package '{package}' which is not installed "
+            f"here ({exc}); install it with: pip install {package}"
+        ) from None
+
+
+def _dashboard_link(client: Any) -> str | None:
+    try:
+        return client.dashboard_link
+    except (KeyError, AttributeError, OSError):  # scheduler without a dashboard
+        return None
+
+
+def _describe(client: Any, target: ClusterTarget, versions: dict[str, str | None],
+              dashboard: str | None) -> dict[str, Any]:
+    info = client.scheduler_info(n_workers=-1)
+    workers = sorted(
+        ({"name": str(w.get("name")), "address": addr, "nthreads": int(w.get("nthreads", 0)),
+          "memory_limit_bytes": int(w.get("memory_limit") or 0)}
+         for addr, w in info.get("workers", {}).items()),
+        key=lambda w: (w["name"], w["address"]),
+    )
+    return {
+        "kind": target.kind,
+        "address": info.get("address"),
+        "tls": str(info.get("address", "")).startswith("tls://"),
+        "dashboard_link": dashboard,
+        "n_workers": len(workers),
+        "total_threads": sum(w["nthreads"] for w in workers),
+        "workers": workers,
+        "versions": versions,
+        "settings": target.public_settings(),
+    }
+
+
+def _connect_client(address_or_cluster: Any, *, timeout: float, security: Any = None,
+                    label: str) -> Any:
+    from distributed import Client
+
+    try:
+        return Client(address_or_cluster, timeout=timeout, security=security)
+    except Exception as exc:
+        hint = ("check the address, that `dask scheduler` runs there and that the port is open"
+                " (a tls:// scheduler needs kind: remote-tls)")
+        if security is not None:
+            hint = ("check the address, and that the scheduler's certificate is signed by "
+                    "ca_file and the client's certificate by the CA the scheduler trusts")
+        raise ClusterError(
+            f"could not connect to the Dask scheduler at {label} within {timeout:g} s "
+            f"({type(exc).__name__}: {exc}); {hint}"
+        ) from None
+
+
+def _tls_security(target: RemoteTLSConfig) -> Any:
+    from distributed.security import Security
+
+    try:
+        security = Security(
+            tls_ca_file=str(target.ca_file), tls_client_cert=str(target.cert_file),
+            tls_client_key=str(target.key_file), require_encryption=True,
+        )
+        security.get_connection_args("client")  # load the files now: clear error if unusable
+    except Exception as exc:
+        raise ClusterError(
+            f"cannot load the TLS files (ca_file {target.ca_file}, cert_file "
+            f"{target.cert_file}): {type(exc).__name__}: {exc}"
+        ) from None
+    return security
+
+
+def _local_cluster(target: LocalConfig) -> Any:
+    import dask
+    from distributed import LocalCluster
+
+    memory = {
+        "distributed.worker.memory.target": target.memory_target,
+        "distributed.worker.memory.spill": target.memory_spill,
+        "distributed.worker.memory.pause": target.memory_pause,
+        "distributed.worker.memory.terminate": target.memory_terminate,
+    }
+    # The nannies copy dask.config when created, so the thresholds reach the workers.
+    with dask.config.set(memory):
+        return LocalCluster(
+            n_workers=target.n_workers, threads_per_worker=target.threads_per_worker,
+            memory_limit=target.memory_limit, processes=True, host=target.host,
+            dashboard_address=target.dashboard_address,
+            local_directory=str(target.local_directory) if target.local_directory else None,
+        )
+
+
+def _slurm_cluster(target: SlurmConfig) -> Any:
+    jobqueue = _optional_import("dask_jobqueue", "dask-jobqueue", target.kind)
+    cluster = jobqueue.SLURMCluster(
+        queue=target.queue, account=target.account, cores=target.cores,
+        memory=target.memory, processes=target.processes, walltime=target.walltime,
+        job_extra_directives=target.job_extra_directives,
+        job_script_prologue=target.job_script_prologue, interface=target.interface,
+        local_directory=target.local_directory, log_directory=target.log_directory,
+        python=target.python,
+        scheduler_options={"dashboard_address": target.dashboard_address},
+    )
+    cluster.scale(jobs=target.n_jobs)
+    return cluster
+
+
+def _kubernetes_cluster(target: KubernetesConfig) -> Any:
+    operator = _optional_import("dask_kubernetes.operator", "dask-kubernetes", target.kind)
+    return operator.KubeCluster(
+        name=target.name, namespace=target.namespace, image=target.image,
+        n_workers=target.n_workers,
+        resources=target.resources.model_dump(exclude_defaults=True) or None,
+        env=dict(target.env), worker_command=target.worker_command.split(),
+        scheduler_service_type=target.scheduler_service_type,
+        port_forward_cluster_ip=target.port_forward_cluster_ip,
+        shutdown_on_close=target.shutdown_on_close,
+        resource_timeout=target.resource_timeout,
+    )
+
+
+_CLUSTER_FACTORIES: dict[type, Callable[[Any], Any]] = {
+    LocalConfig: _local_cluster, SlurmConfig: _slurm_cluster, KubernetesConfig: _kubernetes_cluster,
+}
+
+
+def _start_cluster(target: ClusterTarget) -> tuple[Any, Any]:
+    """(cluster manager this session owns or None, what to hand to Client) for ``target``."""
+    factory = _CLUSTER_FACTORIES.get(type(target))
+    if factory is None:  # remote kinds: connect to the existing scheduler
+        return None, target.address
+    try:
+        cluster = factory(target)
+    except ClusterError:
+        raise
+    except Exception as exc:
+        raise ClusterError(
+            f"could not start the {target.kind} cluster: {type(exc).__name__}: {exc}"
+        ) from None
+    return cluster, cluster
+
+
+@contextlib.contextmanager
+def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Iterator[ClusterSession]:
+    """Start or connect to the cluster described by ``target``; close what was opened on exit.
+
+    Parameters
+    ----------
+    target : ClusterTarget
+        From :func:`load_cluster_config`.
+    check_versions : bool
+        Check that every worker imports fmnist_dask and has the client's key package versions.
+
+    Yields
+    ------
+    ClusterSession
+
+    Raises
+    ------
+    ClusterError
+        The scheduler cannot be reached or refuses us within ``connect_timeout``, fewer than
+        ``min_workers`` workers join within ``workers_timeout``, or the workers' environment
+        does not match.
+    """
+    cluster, where = _start_cluster(target)
+    client = None
+    try:
+        security = _tls_security(target) if isinstance(target, RemoteTLSConfig) else None
+        timeout = getattr(target, "connect_timeout", 60.0)
+        label = getattr(target, "address", None) or f"the new {target.kind} cluster"
+        logger.info("connecting to %s (kind: %s)", label, target.kind)
+        client = _connect_client(where, timeout=timeout, security=security, label=label)
+        min_workers = getattr(target, "min_workers", 1)
+        workers_timeout = getattr(target, "workers_timeout", 60.0)
+        try:
+            client.wait_for_workers(min_workers, timeout=workers_timeout)
+        except Exception as exc:
+            have = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            raise ClusterError(
+                f"the scheduler at {label} has {have} worker(s), fewer than min_workers="
+                f"{min_workers}, after {workers_timeout:g} s ({type(exc).__name__})"
+            ) from None
+        if check_versions:
+            versions = check_worker_environments(client, timeout=workers_timeout)
+        else:
+            versions = local_versions()
+        dashboard = _dashboard_link(client)
+        description = _describe(client, target, versions, dashboard)
+        logger.info(
+            "connected to %s: %d workers, %d threads, dashboard %s",
+            description["address"], description["n_workers"], description["total_threads"],
+            dashboard or "(none)",
+        )
+        session = ClusterSession(client=client, target=target, dashboard_link=dashboard,
+                                 description=description, cluster=cluster)
+        yield session
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close(timeout=10)
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=30)
