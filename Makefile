@@ -1,0 +1,35 @@
+# Two commands: `make run` (install, get the data, run the default job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+JOB ?= jobs/fashion_mnist.yaml
+DATA ?= data/fashion-mnist
+# Offline machines copy the official files from a local mirror instead of downloading them.
+FMNIST_MIRROR ?= $(firstword $(wildcard ../shared/data/fashion-mnist))
+export FMNIST_MIRROR
+PYTEST_ARGS ?=
+
+.PHONY: install data run test lint clean-venv
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+$(DATA)/fashion-mnist_train.csv: | $(BIN)/.installed
+	$(BIN)/fmnist-dask fetch --dest $(DATA) --csv
+
+data: $(DATA)/fashion-mnist_train.csv
+
+run: install data
+	$(BIN)/fmnist-dask run $(JOB) $(RUN_ARGS)
+
+test: install
+	$(BIN)/ruff check fmnist_dask tests benchmarks
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,152 @@
+"""The command line, run as a real process: help, fetch, run, and its exit codes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fmnist_dask.fetch import OFFICIAL_FILES, read_idx
+from tests.test_load_clean import write_rows
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "fmnist_dask.cli"]
+
+
+def cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_help_lists_the_commands():
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("run", "fetch"):
+        assert command in result.stdout
+    run_help = cli("run", "--help")
+    for option in ("--data", "--out", "--cluster", "--scheduler", "--seed"):
+        assert option in run_help.stdout
+
+
+def test_fetch_from_mirror_verifies_and_writes_csv(tmp_path, real_dir, real_arrays):
+    dest = tmp_path / "data"
+    result = cli("fetch", "--mirror", str(real_dir), "--dest", str(dest), "--csv")
+    assert result.returncode == 0, result.stderr
+    for name in OFFICIAL_FILES:
+        assert (dest / name).read_bytes() == (real_dir / name).read_bytes()
+    csv = dest / "fashion-mnist_test.csv"
+    head = pd.read_csv(csv, nrows=3)
+    assert list(head.columns[:3]) == ["label", "pixel1", "pixel2"] and head.shape[1] == 785
+    images, labels = real_arrays["test"]
+    np.testing.assert_array_equal(head.iloc[:, 1:].to_numpy(), images[:3])
+    np.testing.assert_array_equal(head["label"], labels[:3])
+    assert sum(1 for _ in csv.open()) == 10001
+
+
+def test_fetch_refuses_a_file_whose_checksum_does_not_match(tmp_path, real_dir):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in OFFICIAL_FILES:
+        shutil.copyfile(real_dir / name, mirror / name)
+    bad = mirror / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(bad.read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    dest = tmp_path / "data"
+    result = cli("fetch", "--mirror", str(mirror), "--dest", str(dest))
+    assert result.returncode == 3
+    assert "t10k-labels-idx1-ubyte.gz" in result.stderr and "sha256" in result.stderr
+    assert not (dest / "t10k-labels-idx1-ubyte.gz").exists()
+    assert not [p for p in dest.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def _subset(tmp_path: Path, real_arrays, n_train: int = 1500, n_test: int = 300) -> Path:
+    data = tmp_path / "csv"
+    data.mkdir()
+    write_rows(data / "fashion-mnist_train.csv", real_arrays["train"][1][:n_train],
+               real_arrays["train"][0][:n_train])
+    write_rows(data / "fashion-mnist_test.csv", real_arrays["test"][1][:n_test],
+               real_arrays["test"][0][:n_test])
+    return data
+
+
+def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_arrays):
+    data = _subset(tmp_path, real_arrays)
+    out = tmp_path / "outputs"
+    result = cli("run", "jobs/fashion_mnist.yaml", "--data", str(data), "--out", str(out),
+                 "--run-name", "subset", "--seed", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = out / "subset"
+    assert result.stdout.strip().endswith(str(run))
+    assert [p.name for p in out.iterdir()] == ["subset"]  # no temporary directory left
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded"
+    assert manifest["job"]["seed"] == 3
+    assert manifest["rows"]["train"] == {"read": 1500, "rejected": 0, "duplicates": 0,
+                                         "kept": 1500}
+    assert manifest["rows"]["test"]["kept"] == 300
+    assert manifest["dashboard_link"].startswith("http://127.0.0.1:")
+    assert manifest["cluster"]["n_workers"] >= 1
+    assert manifest["versions"]["dask"] and manifest["versions"]["scikit-learn"]
+    for stage in ("load", "clean", "eda"):
+        assert manifest["stages"][stage]["status"] == "done"
+        assert manifest["stages"][stage]["seconds"] > 0
+    images = np.concatenate([real_arrays["train"][0][:1500], real_arrays["test"][0][:300]])
+    assert manifest["eda"]["pixel_mean"] == pytest.approx(
+        (images / 255).mean(), abs=1e-6)
+    cleaned = pd.read_parquet(run / "cleaned")
+    assert len(cleaned) == 1800 and cleaned["row_id"].is_unique
+    for png in ("sample_images.png", "class_distribution.png", "pixel_histogram.png"):
+        assert (run / "eda" / png).stat().st_size > 1000
+    assert "Dask dashboard: http://127.0.0.1:" in result.stderr
+
+
+def test_run_with_a_bad_row_fails_clearly_and_leaves_no_finished_run(tmp_path, real_arrays):
+    data = _subset(tmp_path, real_arrays, 200, 50)
+    path = data / "fashion-mnist_test.csv"
+    lines = path.read_text().splitlines()
+    lines[10] = lines[10].rsplit(",", 1)[0] + ",256"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "outputs"
+    result = cli("run", "--data", str(data), "--out", str(out), "--run-name", "bad")
+    assert result.returncode == 3
+    assert f"{path}: line 11, column pixel784: pixel not in 0..255: '256'" in result.stderr
+    assert not (out / "bad").exists()
+    failed = json.loads((out / "bad.failed" / "manifest.json").read_text())
+    assert failed["status"] == "failed" and "line 11" in failed["error"]
+
+    result = cli("run", "--data", str(data), "--out", str(out), "--run-name", "quarantined",
+                 "--on-bad-rows", "quarantine")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((out / "quarantined" / "manifest.json").read_text())
+    assert manifest["rows"]["test"] == {"read": 50, "rejected": 1, "duplicates": 0, "kept": 49}
+    rejected = pd.read_parquet(out / "quarantined" / "rejected.parquet")
+    assert rejected["source_line"].tolist() == [11]
+
+
+def test_job_spec_errors_name_the_key(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("name: x\nclean:\n  on_bad_row: quarantine\n")
+    result = cli("run", str(job))
+    assert result.returncode == 2
+    assert "clean.on_bad_row: unknown key" in result.stderr
+    job.write_text("eda:\n  histogram_bins: many\n")
+    result = cli("run", str(job))
+    assert result.returncode == 2 and "eda.histogram_bins" in result.stderr
+    result = cli("run", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "missing.yaml: job spec not found" in result.stderr
+
+
+def test_idx_reader_rejects_truncated_file(tmp_path, real_dir):
+    truncated = tmp_path / "train-images-idx3-ubyte"
+    truncated.write_bytes(gzip.open(real_dir / "train-images-idx3-ubyte.gz").read(
+        )[:16 + 784 * 3 + 5])
+    with pytest.raises(ValueError, match="header says"):
+        read_idx(truncated)

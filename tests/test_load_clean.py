@@ -1,0 +1,221 @@
+"""Loading, validation and exact deduplication, on the real data and on planted cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fmnist_dask.config import CleanSpec, DataSpec, EdaSpec
+from fmnist_dask.fetch import CSV_COLUMNS, LABEL_NAMES, PIXEL_COLUMNS
+from fmnist_dask.stages import clean as clean_stage
+from fmnist_dask.stages import eda as eda_stage
+from fmnist_dask.stages.load import InputError, load
+
+
+def write_rows(path: Path, labels, pixels, header: str | None = None) -> Path:
+    """A Kaggle-layout CSV with the given rows (labels may be None for unlabelled)."""
+    columns = CSV_COLUMNS if labels is not None else PIXEL_COLUMNS
+    table = pixels if labels is None else np.column_stack([labels, pixels])
+    lines = [header if header is not None else ",".join(columns)]
+    lines += [",".join(str(int(v)) for v in row) for row in table]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_clean(tmp_path: Path, spec: DataSpec, clean_spec: CleanSpec | None = None):
+    raw, pieces, files = load(spec)
+    out = tmp_path / "run"
+    out.mkdir()
+    counts = clean_stage.clean(raw, pieces, files, clean_spec or CleanSpec(), out)
+    return counts, out
+
+
+def cleaned_frame(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "cleaned").sort_values("row_id").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Real data
+
+
+def test_real_idx_counts_classes_and_scaling_match_numpy(tmp_path, real_dir, real_arrays,
+                                                          dask_client):
+    spec = DataSpec(format="idx", dir=str(real_dir), splits={
+        "train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"})
+    counts, out = run_clean(tmp_path, spec)
+    rows = counts.as_dict()
+    assert rows["train"] == {"read": 60000, "rejected": 0, "duplicates": 0, "kept": 60000}
+    assert rows["test"] == {"read": 10000, "rejected": 0, "duplicates": 0, "kept": 10000}
+
+    data = clean_stage.load_cleaned(out)
+    assert data.pixels.shape == (70000, 784)
+    assert not any(np.isnan(c) for c in data.pixels.chunks[0])  # known chunk sizes
+    train_x, train_y = real_arrays["train"]
+    summary = eda_stage.explore(data, ["train", "test"], EdaSpec(), out, seed=0)
+    expected = np.bincount(train_y, minlength=10)
+    assert [summary["class_counts"]["train"][n] for n in LABEL_NAMES] == expected.tolist()
+    everything = np.concatenate([train_x, real_arrays["test"][0]]).astype(np.float64) / 255
+    assert summary["pixel_mean"] == pytest.approx(everything.mean(), abs=1e-7)  # float32 pixels
+    assert summary["pixel_std"] == pytest.approx(everything.std(), abs=1e-7)
+    assert summary["histogram"]["counts"] == np.histogram(
+        everything, bins=50, range=(0, 1))[0].tolist()
+    # The train-only figures quoted by the dataset's README.
+    train_scaled = data.pixels[:60000]
+    assert float(train_scaled.mean().compute()) == pytest.approx(0.286041, abs=1e-6)
+    assert float(train_scaled.std().compute()) == pytest.approx(0.353024, abs=1e-6)
+    first = data.pixels[:5].compute()
+    np.testing.assert_array_equal(first, (train_x[:5] / np.float32(255)).astype(np.float32))
+    np.testing.assert_array_equal(data.label[:60000].compute(), train_y)
+    for png in ("sample_images.png", "class_distribution.png", "pixel_histogram.png"):
+        assert (out / "eda" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_real_csv_subset_reads_same_values_as_idx(tmp_path, real_arrays, dask_client):
+    train_x, train_y = real_arrays["train"]
+    test_x, test_y = real_arrays["test"]
+    write_rows(tmp_path / "train.csv", train_y[:3000], train_x[:3000])
+    write_rows(tmp_path / "test.csv", test_y[:500], test_x[:500])
+    spec = DataSpec(dir=str(tmp_path), splits={"train": "train.csv", "test": "test.csv"},
+                    blocksize="1MiB")
+    raw, pieces, _ = load(spec)
+    assert len(pieces) > 4  # several partitions per file
+    counts, out = run_clean(tmp_path, spec)
+    assert counts.as_dict()["total"]["kept"] == 3500
+    frame = cleaned_frame(out)
+    np.testing.assert_array_equal(frame[list(PIXEL_COLUMNS)].to_numpy(),
+                                  np.concatenate([train_x[:3000], test_x[:500]]))
+    np.testing.assert_array_equal(frame["label"], np.concatenate([train_y[:3000], test_y[:500]]))
+    # Line numbers: the header is line 1, so data row k of a file is on line k + 2.
+    assert frame["source_line"].tolist()[:3] == [2, 3, 4]
+    assert frame.loc[frame.split == "test", "source_line"].tolist()[:2] == [2, 3]
+
+
+# ---------------------------------------------------------------------------------------
+# Deduplication
+
+
+def _random_images(rng, n):
+    return rng.integers(0, 256, size=(n, 784), dtype=np.uint8)
+
+
+def test_dedup_removes_exactly_the_planted_copies(tmp_path, dask_client):
+    rng = np.random.default_rng(1)
+    train_x = _random_images(rng, 400)
+    train_y = rng.integers(0, 10, 400)
+    test_x = _random_images(rng, 100)
+    test_y = rng.integers(0, 10, 100)
+    planted = {}  # row_id of copy -> row_id of the original it copies
+    train_x[11], train_y[11] = train_x[10], train_y[10]  # same partition, adjacent
+    planted[11] = 10
+    train_x[390], train_y[390] = train_x[3], train_y[3]  # far apart: other partition
+    planted[390] = 3
+    train_x[391], train_y[391] = train_x[3], train_y[3]  # a third copy
+    planted[391] = 3
+    test_x[7], test_y[7] = train_x[200], train_y[200]  # across train and test
+    planted[400 + 7] = 200
+    test_x[8], test_y[8] = train_x[201], (train_y[201] + 1) % 10  # same pixels, other label
+    write_rows(tmp_path / "train.csv", train_y, train_x)
+    write_rows(tmp_path / "test.csv", test_y, test_x)
+    spec = DataSpec(dir=str(tmp_path), splits={"train": "train.csv", "test": "test.csv"},
+                    blocksize="128KiB")
+    _, pieces, _ = load(spec)
+    assert len(pieces) >= 6  # copies really sit in different partitions
+
+    counts, out = run_clean(tmp_path, spec)
+    dups = pd.read_parquet(out / "duplicates.parquet")
+    assert dict(zip(dups.row_id, dups.duplicate_of, strict=True)) == planted
+    rows = counts.as_dict()
+    assert rows["train"] == {"read": 400, "rejected": 0, "duplicates": 3, "kept": 397}
+    assert rows["test"] == {"read": 100, "rejected": 0, "duplicates": 1, "kept": 99}
+    kept_ids = set(cleaned_frame(out)["row_id"])
+    assert kept_ids == set(range(500)) - set(planted)
+
+    # Keyed on pixels only, the relabelled copy is a duplicate too.
+    (tmp_path / "px").mkdir()
+    counts, out = run_clean(tmp_path / "px", spec, CleanSpec(dedup_key="pixels"))
+    assert counts.as_dict()["test"]["duplicates"] == 2
+    dups = pd.read_parquet(out / "duplicates.parquet")
+    assert dict(zip(dups.row_id, dups.duplicate_of, strict=True)) == planted | {408: 201}
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_files_are_refused_naming_the_file(tmp_path, dask_client):
+    good = write_rows(tmp_path / "good.csv", np.zeros(2, int), np.zeros((2, 784), int))
+    cases = {
+        "empty.csv": (b"", "file is empty"),
+        "header.csv": (good.read_bytes().replace(b"pixel5,", b"pixelfive,", 1),
+                       "column 6 is 'pixelfive', expected 'pixel5'"),
+        "short.csv": (b"label,pixel1,pixel2\n1,2,3\n", "3 columns, expected 785"),
+        "image.csv": (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary", "not a CSV text file"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        spec = DataSpec(dir=str(tmp_path), splits={"train": name})
+        with pytest.raises(InputError) as error:
+            load(spec)
+        assert name in str(error.value) and message in str(error.value)
+    with pytest.raises(InputError, match="missing.csv: no such file"):
+        load(DataSpec(dir=str(tmp_path), splits={"train": "missing.csv"}))
+
+
+BAD_ROWS = [
+    # (line text replacing data row 3, column, reason)
+    ("3," + ",".join(["0"] * 783) + ",2.5", "pixel784", "not an integer: '2.5'"),
+    ("3,0,abc," + ",".join(["0"] * 782), "pixel2", "not an integer: 'abc'"),
+    ("12," + ",".join(["0"] * 784), "label", "label not in 0..9: '12'"),
+    ("1,0,0,300," + ",".join(["0"] * 781), "pixel3", "pixel not in 0..255: '300'"),
+    ("1,0,-1," + ",".join(["0"] * 782), "pixel2", "pixel not in 0..255: '-1'"),
+    ("1,0,," + ",".join(["0"] * 782), "pixel2", "missing value"),
+    ("1,0,0", None, "expected 785 fields, found 3"),
+]
+
+
+@pytest.mark.parametrize(("line", "column", "reason"), BAD_ROWS)
+def test_bad_row_stops_the_run_naming_file_line_and_column(tmp_path, dask_client, line, column,
+                                                           reason):
+    rng = np.random.default_rng(0)
+    path = write_rows(tmp_path / "train.csv", rng.integers(0, 10, 6), _random_images(rng, 6))
+    lines = path.read_text().splitlines()
+    lines[3] = line  # data row 3 is file line 4
+    path.write_text("\n".join(lines) + "\n")
+    spec = DataSpec(dir=str(tmp_path), splits={"train": "train.csv"})
+    with pytest.raises(clean_stage.BadRowsError) as error:
+        run_clean(tmp_path, spec)
+    message = str(error.value)
+    assert f"{path}: line 4, column " in message
+    assert reason in message
+    if column:
+        assert f"column {column}:" in message
+
+
+def test_quarantine_sets_bad_rows_aside_and_accounts_for_every_row(tmp_path, dask_client):
+    rng = np.random.default_rng(2)
+    pixels = _random_images(rng, 40)
+    labels = rng.integers(0, 10, 40)
+    pixels[30], labels[30] = pixels[5], labels[5]  # one duplicate
+    path = write_rows(tmp_path / "train.csv", labels, pixels)
+    lines = path.read_text().splitlines()
+    for index, (line, _, _) in zip((3, 10, 17, 20, 25, 33, 38), BAD_ROWS, strict=True):
+        lines[index] = line
+    lines.insert(12, "")  # a blank line is not a row, but shifts the line numbers after it
+    path.write_text("\n".join(lines) + "\n")
+    spec = DataSpec(dir=str(tmp_path), splits={"train": "train.csv"}, blocksize="20KiB")
+    counts, out = run_clean(tmp_path, spec, CleanSpec(on_bad_rows="quarantine"))
+    assert counts.as_dict()["train"] == {"read": 40, "rejected": 7, "duplicates": 1, "kept": 32}
+    rejected = pd.read_parquet(out / "rejected.parquet")
+    assert rejected["source_line"].tolist() == [4, 11, 19, 22, 27, 35, 40]
+    for (_, column, reason), got_reason, got_column in zip(
+            BAD_ROWS, rejected["reject_reason"], rejected["reject_column"], strict=True):
+        assert reason in got_reason
+        if column:
+            assert got_column == column
+    assert set(rejected["source_file"]) == {str(path)}
+    assert rejected["content"].iloc[0].startswith("3,")  # the raw line is kept
+    kept = cleaned_frame(out)
+    assert len(kept) == 32 and not set(kept.row_id) & set(rejected.row_id)
