@@ -389,7 +389,7 @@ def _parse_csv(piece: Piece) -> pd.DataFrame:
 def _format_value(value: float) -> str:
     if np.isnan(value):
         return "''"
-    return repr(int(value)) if value == int(value) else repr(float(value))
+    return repr(str(int(value)) if value == int(value) else str(float(value)))
 
 
 def _parse_csv_slow(lines: list[bytes], columns: list[str], labelled: bool
