@@ -89,16 +89,28 @@ def _key_matrix(frame: pd.DataFrame, dedup_key: str) -> np.ndarray:
     return np.ascontiguousarray(np.column_stack([label, pixels]))
 
 
-def _with_bucket(frame: pd.DataFrame, dedup_key: str) -> pd.DataFrame:
+def _keyed(frame: pd.DataFrame, dedup_key: str) -> pd.DataFrame:
+    """Narrow frame for the shuffle: ids, the key's bytes in one column, its bucket hash.
+
+    Moving one binary column instead of 785 narrow ones keeps the shuffle cheap.
+    """
     keys = _key_matrix(frame, dedup_key)
-    return frame.assign(_bucket=_bucket_hash(keys) if len(frame) else np.zeros(0, np.uint64))
+    return pd.DataFrame(
+        {
+            "row_id": frame["row_id"].to_numpy(),
+            "split": frame["split"].to_numpy(),
+            # Fixed-width bytes drop trailing NULs when boxed; all keys share one width,
+            # so re-padding them on the other side restores them exactly.
+            "key": keys.view(f"S{keys.shape[1]}").ravel().astype(object),
+            "_bucket": _bucket_hash(keys) if len(frame) else np.zeros(0, np.uint64),
+        }
+    )
 
 
-def _duplicates_in_bucket(frame: pd.DataFrame, dedup_key: str) -> pd.DataFrame:
+def _duplicates_in_bucket(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows of one hash bucket whose key bytes equal an earlier (lower row id) row's."""
     frame = frame.sort_values("row_id")
-    keys = _key_matrix(frame, dedup_key)
-    as_bytes = keys.view(np.dtype((np.void, keys.shape[1]))).ravel()
+    as_bytes = np.asarray(frame["key"].to_numpy(), dtype=bytes)
     # Stable sort (return_index) makes ``first`` the lowest row id of each group.
     _, first, inverse = np.unique(as_bytes, return_index=True, return_inverse=True)
     first_of_row = first[inverse.ravel()]
@@ -121,13 +133,17 @@ def find_duplicates(valid: dd.DataFrame, dedup_key: str) -> dd.DataFrame:
     there the key bytes are compared exactly and the copy with the lowest row id is kept.
     """
     columns = ["row_id", "split", "label", *PIXEL_COLUMNS]
-    keyed = valid[columns].map_partitions(_with_bucket, dedup_key)
+    meta_keyed = pd.DataFrame({"row_id": pd.Series(dtype="int64"),
+                               "split": pd.Series(dtype="string"),
+                               "key": pd.Series(dtype=object),
+                               "_bucket": pd.Series(dtype="uint64")})
+    keyed = valid[columns].map_partitions(_keyed, dedup_key, meta=meta_keyed)
     buckets = keyed.shuffle(on="_bucket", npartitions=max(valid.npartitions, 1))
     meta = pd.DataFrame(
         {"row_id": pd.Series(dtype="int64"), "split": pd.Series(dtype="string"),
          "duplicate_of": pd.Series(dtype="int64")}
     )
-    return buckets.map_partitions(_duplicates_in_bucket, dedup_key, meta=meta)
+    return buckets.map_partitions(_duplicates_in_bucket, meta=meta)
 
 
 def _drop_rows(frame: pd.DataFrame, row_ids: np.ndarray) -> pd.DataFrame:
