@@ -85,6 +85,7 @@ class ScoreSpec(_Strict):
     silhouette: Literal["auto", "exact", "sampled", "off"] = "auto"
     exact_silhouette_max_rows: int = Field(default=100_000, ge=2)
     silhouette_sample_size: int = Field(default=10_000, ge=2)
+    images_per_cluster: int = Field(default=10, ge=1, le=30)
 
 
 class ClusterRef(_Strict):

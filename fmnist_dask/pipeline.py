@@ -12,9 +12,15 @@ from pathlib import Path
 from fmnist_dask.config import JobSpec
 from fmnist_dask.dask_cluster import load_cluster_config, open_cluster
 from fmnist_dask.rundir import default_run_name, open_run
-from fmnist_dask.stages import clean, eda, load
+from fmnist_dask.stages import clean, cluster, eda, evaluate, load, reduce
 
 logger = logging.getLogger("fmnist_dask")
+#: Keep the pixels in worker memory when they take at most this share of it.
+PERSIST_SHARE = 0.25
+
+
+def _worker_memory(description: dict) -> int:
+    return sum(int(w.get("memory_limit_bytes") or 0) for w in description.get("workers", []))
 
 
 def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
@@ -44,5 +50,42 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
                 manifest["eda"] = eda.explore(data, list(counts.read), spec.eda, run.dir, spec.seed)
                 record.update(pixel_mean=manifest["eda"]["pixel_mean"],
                               pixel_std=manifest["eda"]["pixel_std"])
+
+        pixels = data.pixels
+        if pixels.nbytes <= PERSIST_SHARE * _worker_memory(session.description):
+            pixels = pixels.persist()  # read once; k-means and PCA pass over it many times
+        results: list[cluster.ClusterResult] = []
+        spaces = {"pixels": pixels}
+        if spec.kmeans.enabled:
+            with run.stage("kmeans_raw", log) as record:
+                result, model = cluster.kmeans(pixels, spec.kmeans, spec.seed, "kmeans_raw",
+                                               "pixels")
+                cluster.save_centroids(model.cluster_centers_, result.method, run.dir,
+                                       images=model.cluster_centers_)
+                results.append(result)
+                record.update(result.scores)
+        if spec.reduce.enabled:
+            with run.stage("reduce", log) as record:
+                reduction, manifest["pca"] = reduce.reduce(pixels, data.row_id, spec.reduce,
+                                                           run.dir)
+                spaces["pca"] = reduction.projected.persist()
+                record["cumulative_explained_variance"] = manifest["pca"][
+                    "cumulative_explained_variance"]
+            if spec.kmeans.enabled:
+                with run.stage("kmeans_pca", log) as record:
+                    result, model = cluster.kmeans(spaces["pca"], spec.kmeans, spec.seed,
+                                                   "kmeans_pca", "pca")
+                    centres = reduction.pca.inverse_transform(model.cluster_centers_).compute()
+                    cluster.save_centroids(model.cluster_centers_, result.method, run.dir,
+                                           images=centres)
+                    results.append(result)
+                    record.update(result.scores)
+        if results:
+            with run.stage("evaluate", log) as record:
+                rows = [evaluate.score(r, spaces[r.features], data, spec.scores, run.dir,
+                                       spec.seed) for r in results]
+                evaluate.write_assignments(results, data, run.dir)
+                manifest["metrics"] = evaluate.write_metrics(rows, run.dir).to_dict("records")
+                record["methods"] = [r.method for r in results]
     logger.info("run directory: %s", run.dir)
     return run.dir

@@ -67,3 +67,58 @@ def histogram(counts: np.ndarray, edges: np.ndarray, path: Path, title: str,
     ax.set_ylabel("pixels (log scale)")
     ax.set_title(title)
     return save(fig, path)
+
+
+def explained_variance(ratio: np.ndarray, path: Path) -> Path:
+    """Bars of each component's explained-variance ratio and the cumulative curve."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    components = np.arange(1, len(ratio) + 1)
+    ax.bar(components, ratio, label="per component")
+    ax.plot(components, np.cumsum(ratio), marker="o", color="black", label="cumulative")
+    for x, y in zip(components, np.cumsum(ratio), strict=True):
+        ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=7)
+    ax.set_xticks(components)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("fraction of variance")
+    ax.set_title("PCA explained variance")
+    ax.legend(loc="center right")
+    return save(fig, path)
+
+
+def cluster_samples(images: np.ndarray, clusters: np.ndarray, n_clusters: int, per_cluster: int,
+                    path: Path, title: str, cluster_titles: Sequence[str] | None = None) -> Path:
+    """One row per cluster with up to ``per_cluster`` of its images (values in [0, 1])."""
+    fig, axes = plt.subplots(n_clusters, per_cluster + 1,
+                             figsize=(1.0 * (per_cluster + 1) + 1.2, 1.05 * n_clusters),
+                             squeeze=False)
+    for k in range(n_clusters):
+        row = axes[k]
+        for ax in row:
+            ax.axis("off")
+        row[0].text(1.0, 0.5, cluster_titles[k] if cluster_titles else f"cluster {k}",
+                    ha="right", va="center", fontsize=8, transform=row[0].transAxes)
+        members = images[clusters == k][:per_cluster]
+        for ax, image in zip(row[1:], members, strict=False):
+            ax.imshow(image.reshape(IMAGE_SHAPE), cmap="gray_r", vmin=0, vmax=1)
+    fig.suptitle(title)
+    return save(fig, path)
+
+
+def contingency_heatmap(table: np.ndarray, class_names: Sequence[str],
+                        cluster_names: Sequence[str], path: Path, title: str) -> Path:
+    """Counts of each class (rows) in each cluster (columns), annotated."""
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * table.shape[1], 1.0 + 0.5 * table.shape[0]))
+    image = ax.imshow(table, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(table.shape[1]), cluster_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(table.shape[0]), class_names, fontsize=8)
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("true class (evaluation only)")
+    threshold = table.max() / 2 if table.size else 0
+    for (i, j), value in np.ndenumerate(table):
+        ax.text(j, i, str(int(value)), ha="center", va="center", fontsize=6,
+                color="black" if value > threshold else "white")
+    fig.colorbar(image, ax=ax, label="images")
+    ax.set_title(title)
+    return save(fig, path)

@@ -1,0 +1,73 @@
+"""Writing aligned dask arrays as parquet, block by block on the workers.
+
+Per-row results (projections, cluster assignments, embeddings) are dask arrays chunked
+like the cleaned data. Each row block becomes one parquet file written by the worker that
+holds it, so nothing is gathered to the client.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+
+def _write_block(path: str, names: list[str], *blocks: np.ndarray) -> int:
+    columns: dict[str, np.ndarray] = {}
+    for name, block in zip(names, blocks, strict=True):
+        if block.ndim == 1:
+            columns[name] = block
+        else:  # a 2-D block becomes name1..nameK
+            for j in range(block.shape[1]):
+                columns[f"{name}{j + 1}"] = block[:, j]
+    frame = pd.DataFrame(columns)
+    frame.to_parquet(path, index=False)
+    return len(frame)
+
+
+def write_aligned_parquet(out_dir: Path, columns: dict[str, da.Array]) -> int:
+    """Write row-aligned arrays as ``out_dir/part.N.parquet``, one file per row block.
+
+    Parameters
+    ----------
+    out_dir : Path
+        Directory to (re)create.
+    columns : dict of str to dask.array.Array
+        Arrays with the same number of rows; a 1-D array becomes one column, a 2-D array
+        of width K becomes columns ``name1..nameK``. They are rechunked to the row chunks
+        of the first array.
+
+    Returns
+    -------
+    int
+        Rows written.
+    """
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    names = list(columns)
+    first = columns[names[0]]
+    chunks = first.chunks[0]
+    arrays = []
+    for name in names:
+        array = columns[name]
+        if array.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"column {name!r} has {array.shape[0]} rows, expected {first.shape[0]}"
+            )
+        if array.ndim == 2 and array.numblocks[1] != 1:
+            array = array.rechunk({1: -1})
+        if array.chunks[0] != chunks:
+            array = array.rechunk({0: chunks})
+        arrays.append(array)
+    writes = []
+    for i in range(len(chunks)):
+        blocks = [a.blocks[i] if a.ndim == 1 else a.blocks[i, 0] for a in arrays]
+        blocks = [b.to_delayed().ravel()[0] for b in blocks]
+        writes.append(dask.delayed(_write_block)(str(out_dir / f"part.{i}.parquet"), names,
+                                                 *blocks))
+    return int(sum(dask.compute(*writes)))

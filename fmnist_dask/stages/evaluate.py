@@ -1,0 +1,101 @@
+"""Evaluate stage: score every clustering alike and write the per-row assignments.
+
+Internal scores (inertia, silhouette) use only the features; the labels are read here, after
+every model is fitted, to report accuracy (Hungarian matching), NMI and ARI.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+from scipy.optimize import linear_sum_assignment
+
+from fmnist_dask import plots
+from fmnist_dask.artefacts import write_aligned_parquet
+from fmnist_dask.config import ScoreSpec
+from fmnist_dask.fetch import LABEL_NAMES
+from fmnist_dask.metrics import contingency, external_scores, silhouette
+from fmnist_dask.sampling import choose_sample_indices, take_rows
+from fmnist_dask.stages.clean import CleanData
+from fmnist_dask.stages.cluster import ClusterResult
+
+ASSIGNMENTS_DIR = "assignments"
+METRICS_FILE = "metrics.parquet"
+#: Rows drawn to find sample images of every cluster (only their labels travel).
+IMAGE_POOL = 5_000
+
+
+def matched_cluster_names(table: np.ndarray) -> list[str]:
+    """Name each cluster by the class it is matched to (Hungarian), for figures."""
+    rows, cols = linear_sum_assignment(-table)
+    names = [f"{k}" for k in range(table.shape[1])]
+    for c, k in zip(rows, cols, strict=True):
+        names[k] = f"{k} ~ {LABEL_NAMES[c]}" if c < len(LABEL_NAMES) else f"{k}"
+    return names
+
+
+def _sample_images(pixels: da.Array, labels: da.Array, n_clusters: int, per_cluster: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``per_cluster`` random images of every cluster; only those rows travel."""
+    pool = choose_sample_indices(pixels.shape[0], min(IMAGE_POOL, pixels.shape[0]), seed)
+    pool_labels = take_rows(labels, pool).compute()
+    chosen = np.sort(np.concatenate(
+        [pool[pool_labels == k][:per_cluster] for k in range(n_clusters)]
+    ))
+    images, chosen_labels = dask.compute(take_rows(pixels, chosen), take_rows(labels, chosen))
+    return images, chosen_labels
+
+
+def score(result: ClusterResult, features: da.Array, data: CleanData, spec: ScoreSpec,
+          out_dir: Path, seed: int) -> dict[str, Any]:
+    """Scores of one method (a metrics row), plus its PNGs in ``clusters/``."""
+    start = time.perf_counter()
+    row: dict[str, Any] = {"method": result.method, "features": result.features,
+                           "n_clusters": result.n_clusters, **result.scores}
+    if spec.silhouette != "off":
+        estimate = silhouette(features, result.labels, mode=spec.silhouette,
+                              exact_max_rows=spec.exact_silhouette_max_rows,
+                              sample_size=spec.silhouette_sample_size, random_state=seed)
+        row.update(silhouette=estimate.value, silhouette_method=estimate.method,
+                   silhouette_ci_low=estimate.ci_low, silhouette_ci_high=estimate.ci_high,
+                   silhouette_sample_size=estimate.sample_size)
+    n_classes = len(LABEL_NAMES)
+    # Unlabelled rows (-1) go to an extra row of the table, dropped before scoring.
+    true = da.where(data.label < 0, n_classes, data.label).astype(np.int64)
+    table = contingency(true, result.labels, n_classes + 1, result.n_clusters)[:n_classes]
+    cluster_dir = out_dir / "clusters"
+    names = [str(k) for k in range(result.n_clusters)]
+    if table.sum() > 0:
+        row.update(external_scores(table))
+        names = matched_cluster_names(table)
+        plots.contingency_heatmap(table, LABEL_NAMES, names,
+                                  cluster_dir / f"{result.method}_contingency.png",
+                                  f"{result.method}: classes in each cluster")
+    images, labels = _sample_images(data.pixels, result.labels, result.n_clusters,
+                                     spec.images_per_cluster, seed)
+    plots.cluster_samples(images, labels, result.n_clusters, spec.images_per_cluster,
+                          cluster_dir / f"{result.method}_samples.png",
+                          f"{result.method}: {spec.images_per_cluster} random images per cluster",
+                          names)
+    row.update(fit_seconds=result.fit_seconds, score_seconds=time.perf_counter() - start)
+    return row
+
+
+def write_assignments(results: list[ClusterResult], data: CleanData, out_dir: Path) -> int:
+    """``assignments/part.N.parquet``: row_id, split, label, one cluster column per method."""
+    columns = {"row_id": data.row_id, "split": data.split, "label": data.label}
+    columns.update({r.method: r.labels for r in results})
+    return write_aligned_parquet(out_dir / ASSIGNMENTS_DIR, columns)
+
+
+def write_metrics(rows: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
+    """``metrics.parquet``: one row per method, in the order the methods ran."""
+    frame = pd.DataFrame(rows)
+    frame.to_parquet(out_dir / METRICS_FILE, index=False)
+    return frame
