@@ -1,0 +1,156 @@
+"""Per-row-block kernels and tree reductions on dask arrays.
+
+The estimators and metrics only ever move small things between the workers and the
+client: one fixed-shape partial result per row block (sums, counts, a scatter matrix),
+added together by a tree reduction. These helpers hold that pattern in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+#: Rows processed at a time inside a block: keeps the (rows x k) or (rows x rows)
+#: temporaries small enough for the CPU cache and float32 BLAS sums short.
+SUB_ROWS = 4096
+
+
+def as_row_chunked(x: Any, dtype: Any | None = None) -> da.Array:
+    """Return ``x`` as a 2-D dask array chunked by rows only (one column block).
+
+    Parameters
+    ----------
+    x : dask.array.Array or numpy.ndarray, shape (n_samples, n_features)
+        The data. A numpy array becomes a single-block dask array.
+    dtype : numpy dtype, optional
+        Cast to this dtype (lazily).
+
+    Returns
+    -------
+    dask.array.Array, shape (n_samples, n_features)
+    """
+    if not isinstance(x, da.Array):
+        x = da.from_array(np.asarray(x), chunks=(-1, -1))
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {x.shape}")
+    if any(np.isnan(c) for c in x.chunks[0]):
+        raise ValueError("row chunk sizes must be known: call x.compute_chunk_sizes() first")
+    if x.numblocks[1] != 1:
+        x = x.rechunk({1: -1})
+    if dtype is not None and x.dtype != dtype:
+        x = x.astype(dtype)
+    return x
+
+
+def as_aligned_vector(v: Any, like: da.Array, name: str = "labels") -> da.Array:
+    """Return the 1-D ``v`` as a dask array with the same row chunks as ``like``."""
+    if isinstance(v, da.Array):
+        if v.ndim != 1 or v.shape[0] != like.shape[0]:
+            raise ValueError(f"{name} must have shape ({like.shape[0]},), got {v.shape}")
+        if v.chunks[0] != like.chunks[0]:
+            v = v.rechunk((like.chunks[0],))
+        return v
+    arr = np.asarray(v)
+    if arr.ndim != 1 or arr.shape[0] != like.shape[0]:
+        raise ValueError(f"{name} must have shape ({like.shape[0]},), got {arr.shape}")
+    return da.from_array(arr, chunks=(like.chunks[0],))
+
+
+def _call_kernel(
+    xb: np.ndarray, *blocks: np.ndarray, kernel: Callable, n_aligned: int, consts: tuple,
+    block_info: dict | None = None,
+) -> np.ndarray:
+    # The aligned vectors travel as (rows, 1) columns so that map_blocks lines them up
+    # with the rows of x; give the kernel plain 1-D blocks and the block's position.
+    info = block_info[0]
+    aligned = [b[:, 0] for b in blocks[:n_aligned]]
+    out = kernel(
+        xb, *aligned, *consts,
+        block_index=info["chunk-location"][0], row_offset=info["array-location"][0][0],
+    )
+    return np.asarray(out)[None]
+
+
+def block_partials(
+    kernel: Callable[..., np.ndarray],
+    x: da.Array,
+    *aligned: da.Array,
+    consts: tuple = (),
+    out_shape: tuple[int, ...] = (),
+    dtype: Any = np.float64,
+) -> da.Array:
+    """Run ``kernel`` on every row block of ``x``; one partial result per block.
+
+    Parameters
+    ----------
+    kernel : callable
+        ``kernel(x_block, *aligned_blocks, *consts, block_index=int, row_offset=int)``
+        returning an array of shape ``out_shape``. ``block_index`` is the block's position
+        and ``row_offset`` the global index of its first row (for seeding and row ids).
+    x : dask.array.Array, shape (n_samples, n_features)
+        Row-chunked data (one column block, known chunk sizes).
+    *aligned : dask.array.Array, shape (n_samples,)
+        Per-row vectors chunked like ``x`` (labels, distances...).
+    consts : tuple
+        Small constants (centres, seeds) sent to every block.
+    out_shape : tuple of int
+        Shape of each block's result (``()`` for a scalar).
+    dtype : numpy dtype
+        dtype of the results.
+
+    Returns
+    -------
+    dask.array.Array, shape (n_blocks, *out_shape)
+        Lazy; reduce it with :func:`tree_sum` or compute it directly (it is small).
+    """
+    nb = x.numblocks[0]
+    cols = [a[:, None] for a in aligned]
+    kwargs = dict(kernel=kernel, n_aligned=len(cols), consts=tuple(consts), dtype=dtype)
+    chunks = ((1,) * nb, *[(s,) for s in out_shape])
+    ndim = 1 + len(out_shape)
+    if ndim == 1:
+        return da.map_blocks(_call_scalar, x, *cols, drop_axis=1, chunks=chunks, **kwargs)
+    new_axis = list(range(1, ndim - 1))
+    return da.map_blocks(_call_kernel, x, *cols, new_axis=new_axis, chunks=chunks, **kwargs)
+
+
+def _call_scalar(
+    xb: np.ndarray, *blocks: np.ndarray, block_info: dict | None = None, **kwargs: Any
+) -> np.ndarray:
+    return _call_kernel(xb, *blocks, block_info=block_info, **kwargs).reshape(1)
+
+
+def block_rows(
+    kernel: Callable[..., np.ndarray],
+    x: da.Array,
+    *aligned: da.Array,
+    consts: tuple = (),
+    width: int,
+    dtype: Any = np.float64,
+) -> da.Array:
+    """Like :func:`block_partials` for kernels returning a variable number of rows.
+
+    Each block's kernel returns an array of shape (m_b, width); the result is their
+    row-wise concatenation, shape (sum m_b, width), with unknown chunk sizes. Use it for
+    small selections only (samples, candidate centres, farthest points).
+    """
+    nb = x.numblocks[0]
+    cols = [a[:, None] for a in aligned]
+    return da.map_blocks(
+        _call_rows, x, *cols, chunks=((np.nan,) * nb, (width,)), dtype=dtype,
+        kernel=kernel, n_aligned=len(cols), consts=tuple(consts),
+    )
+
+
+def _call_rows(
+    xb: np.ndarray, *blocks: np.ndarray, block_info: dict | None = None, **kwargs: Any
+) -> np.ndarray:
+    return _call_kernel(xb, *blocks, block_info=block_info, **kwargs)[0]
+
+
+def tree_sum(partials: da.Array, split_every: int = 8) -> da.Array:
+    """Sum per-block partial results (axis 0) with a tree reduction, in float64."""
+    return partials.sum(axis=0, dtype=np.float64, split_every=split_every)

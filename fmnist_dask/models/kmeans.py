@@ -1,0 +1,520 @@
+"""k-means across Dask workers: k-means|| initialisation, then Lloyd iterations.
+
+Every pass over the data runs one numpy kernel per row block on the workers; only the
+centres go out and only per-block partial sums and counts (k x (d + 1) numbers) come back,
+added by a tree reduction. The full array never reaches the client.
+
+Why not ``dask_ml.cluster.KMeans``: with dask-ml 2025.1.0 its ``inertia_`` is a sum of
+unsquared distances, ``init='k-means++'`` raises a TypeError, and it was several times
+slower than scikit-learn at Fashion-MNIST sizes (see ``docs/benchmarks.md``).
+
+Determinism: the random draws of the initialisation use one generator per (round, block)
+seeded from ``random_state``, and every reduction is a fixed tree over the blocks, so the
+same seed and the same chunking give identical centres and labels however many workers
+run them. Different chunkings draw different k-means|| candidates (as a different seed
+would).
+
+The caller should persist ``X`` (``X = X.persist()``) when it fits in the workers' memory:
+``fit`` makes about ``2 * init_rounds + n_iter_ + 3`` passes over it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
+from sklearn.cluster import KMeans
+from sklearn.metrics.pairwise import euclidean_distances
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from fmnist_dask._blocks import SUB_ROWS, as_row_chunked, block_partials, block_rows, tree_sum
+
+
+def _sqnorms(c: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", c, c)
+
+
+def _nearest(xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre per row: argmin of ||c||^2 - 2 x.c (||x||^2 is constant)."""
+    scores = xs @ centers.T
+    scores *= -2
+    scores += c_sqnorm
+    return scores.argmin(axis=1)
+
+
+def _min_sqdist(xs: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Squared distance to the nearest centre, float64, via the BLAS expansion."""
+    scores = xs @ centers.T
+    scores *= -2
+    scores += _sqnorms(centers)
+    d2 = scores.min(axis=1).astype(np.float64) + _sqnorms(xs)
+    return np.maximum(d2, 0.0)
+
+
+# --- kernels (run on the workers, one call per row block) -------------------------------
+
+
+def _k_min_sqdist(xb: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    out = np.empty(len(xb))
+    for s in range(0, len(xb), SUB_ROWS):
+        out[s : s + SUB_ROWS] = _min_sqdist(xb[s : s + SUB_ROWS], centers)
+    return out
+
+
+def _k_update_min_sqdist(xb: np.ndarray, prev: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    # prev arrives as a (rows, 1) column aligned with the block's rows
+    return np.minimum(prev[:, 0], _k_min_sqdist(xb, centers))
+
+
+def _k_shifted_moments(xb: np.ndarray, shift: np.ndarray, **_: Any) -> np.ndarray:
+    """Sum and sum of squares of (x - shift) per feature: feature variances for ``tol``."""
+    z = xb.astype(np.float64) - shift
+    return np.stack([z.sum(axis=0), np.einsum("ij,ij->j", z, z)])
+
+
+def _k_sample(
+    xb: np.ndarray, d2: np.ndarray, scale: float, seed: int, round_: int,
+    *, block_index: int, **_: Any,
+) -> np.ndarray:
+    """k-means|| draw: keep each row with probability min(1, scale * d2)."""
+    rng = np.random.default_rng([seed, round_, block_index])
+    keep = rng.random(len(xb)) < scale * d2
+    return xb[keep]
+
+
+def _k_candidate_counts(
+    xb: np.ndarray, candidates: np.ndarray, c_sqnorm: np.ndarray, **_: Any
+) -> np.ndarray:
+    counts = np.zeros(len(candidates))
+    for s in range(0, len(xb), SUB_ROWS):
+        near = _nearest(xb[s : s + SUB_ROWS], candidates, c_sqnorm)
+        counts += np.bincount(near, minlength=len(candidates))
+    return counts
+
+
+def _nearest_multi(
+    xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray, runs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centre of every row in each of ``runs`` stacked centre sets.
+
+    ``centers`` is (runs * k, d): one BLAS product serves all runs. Returns the nearest
+    index (rows x runs) and the scores ||c||^2 - 2 x.c at it (rows x runs).
+    """
+    scores = xs @ centers.T
+    scores *= -2
+    scores += c_sqnorm
+    scores = scores.reshape(len(xs), runs, -1)
+    near = scores.argmin(axis=2)
+    best = np.take_along_axis(scores, near[:, :, None], axis=2)[:, :, 0]
+    return near, best
+
+
+def _k_lloyd(
+    xb: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray, runs: int, **_: Any
+) -> np.ndarray:
+    """Per-run, per-cluster sums of rows, counts and squared distances, float64.
+
+    Returns a (runs * k) x (d + 2) array: [sums (d) | count | sum of squared distances].
+    The squared distances use the BLAS expansion (for choosing among runs only).
+    """
+    rk, d = centers.shape
+    out = np.zeros((rk, d + 2))
+    offsets = np.arange(runs) * (rk // runs)
+    for s in range(0, len(xb), SUB_ROWS):
+        xs = xb[s : s + SUB_ROWS]
+        near, best = _nearest_multi(xs, centers, c_sqnorm, runs)
+        flat = (near + offsets).ravel()
+        onehot = np.zeros((len(xs), rk), dtype=xs.dtype)
+        np.put_along_axis(onehot, near + offsets, 1, axis=1)
+        # float32 BLAS over <= SUB_ROWS rows, then float64 across sub-blocks and blocks.
+        out[:, :d] += onehot.T @ xs
+        out[:, d] += np.bincount(flat, minlength=rk)
+        d2 = best.astype(np.float64) + _sqnorms(xs)[:, None]
+        out[:, d + 1] += np.bincount(flat, weights=d2.ravel(), minlength=rk)
+    return out
+
+
+def _k_run_inertia(
+    xb: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray, runs: int, **_: Any
+) -> np.ndarray:
+    """Exact (float64 differences) sum of squared distances of each run, shape (runs,)."""
+    k = len(centers) // runs
+    out = np.zeros(runs)
+    c64 = centers.astype(np.float64)
+    for s in range(0, len(xb), SUB_ROWS):
+        xs = xb[s : s + SUB_ROWS]
+        near, _ = _nearest_multi(xs, centers, c_sqnorm, runs)
+        x64 = xs.astype(np.float64)
+        for r in range(runs):
+            diff = x64 - c64[r * k + near[:, r]]
+            out[r] += np.einsum("ij,ij->", diff, diff)
+    return out
+
+
+def _k_farthest(
+    xb: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray, m: int,
+    *, row_offset: int, **_: Any,
+) -> np.ndarray:
+    """The block's m rows farthest from their nearest centre: [d2, row id, label, x...]."""
+    labels = np.concatenate(
+        [_nearest(xb[s : s + SUB_ROWS], centers, c_sqnorm) for s in range(0, len(xb), SUB_ROWS)]
+    )
+    diff = xb.astype(np.float64) - centers[labels]
+    d2 = np.einsum("ij,ij->i", diff, diff)
+    rows = np.arange(len(xb)) + row_offset
+    order = np.lexsort((rows, -d2))[:m]  # farthest first, ties by row id: deterministic
+    return np.column_stack([d2[order], rows[order], labels[order], xb[order]])
+
+
+def _k_predict(xb: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.ndarray:
+    if len(xb) == 0:
+        return np.empty(0, dtype=np.int32)
+    return np.concatenate(
+        [_nearest(xb[s : s + SUB_ROWS], centers, c_sqnorm) for s in range(0, len(xb), SUB_ROWS)]
+    ).astype(np.int32)
+
+
+def _k_transform(xb: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    return euclidean_distances(xb, centers)
+
+
+# --- the estimator --------------------------------------------------------------------
+
+_SEED_MAX = np.iinfo(np.int32).max
+
+
+class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
+    """k-means clustering of a row-chunked dask array, fitted across the Dask workers.
+
+    Parameters
+    ----------
+    n_clusters : int, default=10
+        Number of clusters k.
+    init : {"k-means||", "random"} or ndarray of shape (n_clusters, n_features)
+        ``"k-means||"`` is the scalable k-means++ of Bahmani et al. (2012): ``init_rounds``
+        passes each keep every row with probability ``oversampling_factor * k * d2 / phi``
+        (d2: squared distance to the candidates so far, phi: their sum); the candidates
+        are weighted by the number of rows nearest to them and reduced to k centres on the
+        client by scikit-learn's weighted k-means (k-means++ seeding), once per run.
+        ``"random"`` picks k distinct rows uniformly per run. An array is the one start.
+    n_init : int, default=3
+        Number of k-means runs, each from its own start, carried out together: every
+        pass over the data serves all runs (one BLAS product against the stacked
+        centres), so extra runs cost little. The run with the lowest inertia is kept.
+        Ignored (1) for an array ``init``.
+    oversampling_factor : float, default=2.0
+        Expected k-means|| candidates per round, as a multiple of ``n_clusters``.
+    init_rounds : int, default=5
+        Sampling rounds of k-means||.
+    max_iter : int, default=300
+        Maximum Lloyd iterations.
+    tol : float, default=1e-4
+        A run stops when the sum over its centres of the squared centre shift is at most
+        ``tol * mean(feature variances)`` (scikit-learn's rule). Unchanged labels give a
+        zero shift, so this also covers scikit-learn's strict convergence.
+    random_state : int, RandomState or None, default=None
+        Seed of every random draw.
+    split_every : int, default=8
+        Fan-in of the tree reductions.
+
+    Attributes
+    ----------
+    cluster_centers_ : ndarray of shape (n_clusters, n_features)
+        Centres of the kept run, in the dtype of X.
+    labels_ : dask.array.Array of shape (n_samples,), int32
+        Index of the nearest centre per row, lazy and chunked like X.
+    inertia_ : float
+        Sum of squared Euclidean distances of the rows to their centres (scikit-learn's
+        inertia, in squared units of X), computed exactly in float64.
+    n_iter_ : int
+        Lloyd iterations of the kept run.
+    inertia_per_run_ : ndarray of shape (n_init,)
+        Exact inertia of every run.
+    n_features_in_ : int
+        Number of features d.
+    n_candidates_ : int
+        Number of k-means|| candidates (0 for other inits).
+    n_empty_relocations_ : int
+        Times a cluster became empty and was moved to the farthest row (all runs).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        *,
+        init: str | np.ndarray = "k-means||",
+        n_init: int = 3,
+        oversampling_factor: float = 2.0,
+        init_rounds: int = 5,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        random_state: int | np.random.RandomState | None = None,
+        split_every: int = 8,
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.init = init
+        self.n_init = n_init
+        self.oversampling_factor = oversampling_factor
+        self.init_rounds = init_rounds
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.split_every = split_every
+
+    # -- public API -------------------------------------------------------------------
+
+    def fit(self, X: Any, y: None = None) -> DaskKMeans:
+        """Compute the k-means clustering of X.
+
+        Parameters
+        ----------
+        X : dask.array.Array of shape (n_samples, n_features)
+            Float data chunked by rows with known chunk sizes (numpy is accepted and
+            wrapped in one block; integer data is cast to float32). Persist it first
+            when it fits in the workers' memory: fit reads it about
+            ``2 * init_rounds + n_iter + 4`` times.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : DaskKMeans
+        """
+        X = self._validate(X, reset=True)
+        n = X.shape[0]
+        if n < self.n_clusters:
+            raise ValueError(f"n_samples={n} should be >= n_clusters={self.n_clusters}")
+        if self.n_init < 1:
+            raise ValueError(f"n_init must be >= 1, got {self.n_init}")
+        rs = check_random_state(self.random_state)
+
+        starts, variances = self._init_centers(X, rs)
+        tol = self.tol * float(np.mean(variances))
+        runs, iters = self._lloyd(X, starts.astype(X.dtype), tol)
+
+        r = len(runs)
+        stacked = np.concatenate(runs)
+        inertia = tree_sum(
+            block_partials(
+                _k_run_inertia, X, consts=(stacked, _sqnorms(stacked), r), out_shape=(r,)
+            ),
+            self.split_every,
+        ).compute()
+        best = int(np.argmin(inertia))  # ties: the first run
+        self.cluster_centers_ = runs[best]
+        self.inertia_per_run_ = inertia
+        self.inertia_ = float(inertia[best])
+        self.n_iter_ = iters[best]
+        self.labels_ = self.predict(X)
+        return self
+
+    def predict(self, X: Any) -> da.Array:
+        """Index of the nearest centre for each row.
+
+        Parameters
+        ----------
+        X : dask.array.Array of shape (n_samples, n_features)
+
+        Returns
+        -------
+        labels : dask.array.Array of shape (n_samples,), int32
+            Lazy, chunked like X.
+        """
+        check_is_fitted(self, "cluster_centers_")
+        X = self._validate(X)
+        c = self.cluster_centers_.astype(X.dtype)
+        return X.map_blocks(_k_predict, c, _sqnorms(c), drop_axis=1, dtype=np.int32)
+
+    def fit_predict(self, X: Any, y: None = None) -> da.Array:
+        """Fit and return ``labels_`` (lazy dask array, int32)."""
+        return self.fit(X).labels_
+
+    def transform(self, X: Any) -> da.Array:
+        """Euclidean distance from every row to every centre.
+
+        Parameters
+        ----------
+        X : dask.array.Array of shape (n_samples, n_features)
+
+        Returns
+        -------
+        distances : dask.array.Array of shape (n_samples, n_clusters)
+            Lazy, in the units of X.
+        """
+        check_is_fitted(self, "cluster_centers_")
+        X = self._validate(X)
+        k = self.n_clusters
+        return X.map_blocks(
+            _k_transform, self.cluster_centers_.astype(X.dtype), chunks=(X.chunks[0], (k,)),
+            dtype=X.dtype,
+        )
+
+    def score(self, X: Any, y: None = None) -> float:
+        """Opposite of the inertia of X under the fitted centres (scikit-learn's sign)."""
+        from fmnist_dask.metrics import sum_of_squares
+
+        return -sum_of_squares(X, self.predict(X), self.cluster_centers_)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _validate(self, X: Any, reset: bool = False) -> da.Array:
+        X = as_row_chunked(X)
+        if not np.issubdtype(X.dtype, np.floating):
+            X = X.astype(np.float32)
+        if reset:
+            self.n_features_in_ = X.shape[1]
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, expected {self.n_features_in_}")
+        return X
+
+    def _take_rows(self, X: da.Array, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(X[np.sort(rows)].compute())
+
+    def _init_centers(
+        self, X: da.Array, rs: np.random.RandomState
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Starting centres, shape (runs, k, d), and the feature variances of X."""
+        n, d = X.shape
+        k = self.n_clusters
+        first = self._take_rows(X, rs.choice(n, size=1))
+        moments = tree_sum(
+            block_partials(
+                _k_shifted_moments, X, consts=(first[0].astype(np.float64),),
+                out_shape=(2, d),
+            ),
+            self.split_every,
+        )
+        self.n_candidates_ = 0
+        if isinstance(self.init, str) and self.init == "k-means||":
+            starts, m = self._kmeans_parallel(X, first, moments, rs)
+        elif isinstance(self.init, str) and self.init == "random":
+            starts = np.stack([
+                self._take_rows(X, rs.choice(n, size=k, replace=False))
+                for _ in range(self.n_init)
+            ])
+            m = moments.compute()
+        elif isinstance(self.init, str):
+            raise ValueError(f"unknown init {self.init!r}: use 'k-means||', 'random' or an array")
+        else:
+            start = np.asarray(self.init, dtype=np.float64)
+            if start.shape != (k, d):
+                raise ValueError(f"init array must have shape ({k}, {d}), got {start.shape}")
+            starts = start[None]
+            m = moments.compute()
+        mean_shift = m[0] / n
+        variances = m[1] / n - mean_shift**2
+        return starts, variances
+
+    def _kmeans_parallel(
+        self, X: da.Array, first: np.ndarray, moments: da.Array, rs: np.random.RandomState,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k-means|| (Bahmani et al. 2012): oversample candidates, weight, reduce to k."""
+        k = self.n_clusters
+        ell = self.oversampling_factor * k
+        seed = int(rs.randint(_SEED_MAX))
+        cand = first.astype(X.dtype)
+        d2 = X.map_blocks(_k_min_sqdist, cand, drop_axis=1, dtype=np.float64)
+        # d2 (one float per row) stays on the workers between rounds; only phi comes back.
+        d2, m = dask.persist(d2, moments)
+        phi, m = dask.compute(d2.sum(), m)
+        chosen = [cand]
+        for r in range(self.init_rounds):
+            if phi <= 0:  # every row coincides with a candidate
+                break
+            new = block_rows(
+                _k_sample, X, d2, consts=(ell / phi, seed, r), width=X.shape[1], dtype=X.dtype,
+            ).compute()
+            if len(new) == 0:
+                continue
+            chosen.append(new)
+            d2 = da.map_blocks(
+                _k_update_min_sqdist, X, d2[:, None], new, drop_axis=1, dtype=np.float64
+            )
+            (d2,) = dask.persist(d2)
+            phi = float(d2.sum().compute())
+        del d2
+        candidates = np.concatenate(chosen)
+        if len(np.unique(candidates, axis=0)) < k:
+            # Only with fewer than k distinct rows near the data: top up with random rows
+            # (duplicates get weight 0 and end as empty clusters, relocated in Lloyd).
+            extra = self._take_rows(X, rs.choice(X.shape[0], size=k, replace=False))
+            candidates = np.concatenate([candidates, extra])
+        self.n_candidates_ = len(candidates)
+        weights = tree_sum(
+            block_partials(
+                _k_candidate_counts, X, consts=(candidates, _sqnorms(candidates)),
+                out_shape=(len(candidates),),
+            ),
+            self.split_every,
+        ).compute()
+        starts = []
+        for _ in range(self.n_init):
+            km = KMeans(n_clusters=k, init="k-means++", n_init=1,
+                        random_state=int(rs.randint(_SEED_MAX)))
+            km.fit(candidates.astype(np.float64), sample_weight=weights)
+            starts.append(km.cluster_centers_)
+        return np.stack(starts), m
+
+    def _lloyd(
+        self, X: da.Array, starts: np.ndarray, tol: float
+    ) -> tuple[list[np.ndarray], list[int]]:
+        """Lloyd iterations of all runs together; a run stops once it has converged."""
+        n_runs, k, d = starts.shape
+        centers = list(starts)
+        iters = [0] * n_runs
+        active = list(range(n_runs))
+        self.n_empty_relocations_ = 0
+        for it in range(1, self.max_iter + 1):
+            stacked = np.concatenate([centers[r] for r in active])
+            c_sq = _sqnorms(stacked)
+            stats = tree_sum(
+                block_partials(
+                    _k_lloyd, X, consts=(stacked, c_sq, len(active)),
+                    out_shape=(len(stacked), d + 2),
+                ),
+                self.split_every,
+            ).compute()
+            still = []
+            for i, r in enumerate(active):
+                sums, counts = stats[i * k : (i + 1) * k, :d], stats[i * k : (i + 1) * k, d]
+                empty = np.flatnonzero(counts == 0)
+                if len(empty):
+                    sums, counts = self._relocate(X, centers[r], empty, sums, counts)
+                new = (sums / counts[:, None]).astype(X.dtype)
+                shift = float(((new.astype(np.float64) - centers[r]) ** 2).sum())
+                centers[r] = new
+                iters[r] = it
+                if shift > tol:
+                    still.append(r)
+            active = still
+            if not active:
+                break
+        return centers, iters
+
+    def _relocate(
+        self, X: da.Array, centers: np.ndarray, empty: np.ndarray,
+        sums: np.ndarray, counts: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Move each empty cluster to one of the rows farthest from their centre.
+
+        As scikit-learn does: the row leaves its old cluster's sums and becomes the empty
+        cluster's only member; farthest first, ties broken by row id.
+        """
+        m = len(empty)
+        far = block_rows(
+            _k_farthest, X, consts=(centers, _sqnorms(centers), m), width=3 + X.shape[1],
+        ).compute()
+        far = far[np.lexsort((far[:, 1], -far[:, 0]))][:m]
+        sums, counts = sums.copy(), counts.copy()
+        for j, row in zip(empty, far, strict=False):
+            old, x = int(row[2]), row[3:]
+            sums[old] -= x
+            counts[old] -= 1
+            sums[j] = x
+            counts[j] = 1
+        self.n_empty_relocations_ += m
+        return sums, counts
