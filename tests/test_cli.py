@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from fmnist_dask.fetch import OFFICIAL_FILES, read_idx
 from tests.test_load_clean import write_rows
@@ -95,7 +96,7 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
     assert manifest["dashboard_link"].startswith("http://127.0.0.1:")
     assert manifest["cluster"]["n_workers"] >= 1
     assert manifest["versions"]["dask"] and manifest["versions"]["scikit-learn"]
-    for stage in ("load", "clean", "eda"):
+    for stage in ("load", "clean", "eda", "kmeans_raw", "reduce", "kmeans_pca", "evaluate"):
         assert manifest["stages"][stage]["status"] == "done"
         assert manifest["stages"][stage]["seconds"] > 0
     images = np.concatenate([real_arrays["train"][0][:1500], real_arrays["test"][0][:300]])
@@ -103,8 +104,36 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
         (images / 255).mean(), abs=1e-6)
     cleaned = pd.read_parquet(run / "cleaned")
     assert len(cleaned) == 1800 and cleaned["row_id"].is_unique
-    for png in ("sample_images.png", "class_distribution.png", "pixel_histogram.png"):
-        assert (run / "eda" / png).stat().st_size > 1000
+    for png in ("eda/sample_images.png", "eda/class_distribution.png",
+                "eda/pixel_histogram.png", "pca/explained_variance.png", "pca/components.png",
+                *[f"clusters/{m}_{kind}.png" for m in ("kmeans_raw", "kmeans_pca")
+                  for kind in ("samples", "contingency", "centroids")]):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG", png
+
+    metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")
+    assert list(metrics.index) == ["kmeans_raw", "kmeans_pca"]
+    assignments = pd.read_parquet(run / "assignments").sort_values("row_id")
+    assert len(assignments) == 1800
+    labels = np.concatenate([real_arrays["train"][1][:1500], real_arrays["test"][1][:300]])
+    np.testing.assert_array_equal(assignments["label"], labels)
+    projected = pd.read_parquet(run / "projected").sort_values("row_id")
+    assert list(projected.columns) == ["row_id", *[f"pc{i}" for i in range(1, 11)]]
+    # Scores recomputed independently with scikit-learn from the written files.
+    for method, space in (("kmeans_raw", images / 255.0),
+                          ("kmeans_pca", projected.iloc[:, 1:].to_numpy())):
+        predicted = assignments[method].to_numpy()
+        assert set(predicted) == set(range(10))
+        assert metrics.loc[method, "nmi"] == pytest.approx(
+            normalized_mutual_info_score(labels, predicted), abs=1e-9)
+        assert metrics.loc[method, "ari"] == pytest.approx(
+            adjusted_rand_score(labels, predicted), abs=1e-9)
+        assert metrics.loc[method, "silhouette"] == pytest.approx(
+            silhouette_score(space, predicted), abs=1e-4)
+        centres = np.stack([space[predicted == k].mean(axis=0) for k in range(10)])
+        inertia = ((space - centres[predicted]) ** 2).sum()
+        # Cluster means minimise the sum of squares: the model's centres can only tie it.
+        assert inertia <= metrics.loc[method, "inertia"] * (1 + 1e-6)
+        assert metrics.loc[method, "inertia"] == pytest.approx(inertia, rel=1e-3)
     assert "Dask dashboard: http://127.0.0.1:" in result.stderr
 
 

@@ -211,10 +211,14 @@ def _parquet_pieces(split: str, file_index: int, path: str) -> list[Piece]:
 
 def count_csv_rows(piece: Piece) -> tuple[int, int]:
     """Lines spanned and data rows (non-blank, non-header lines) of a CSV piece."""
-    data = _read_piece_bytes(piece)
-    lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-    rows = _split_lines(data)
-    return lines, len(rows) - (1 if piece.has_header else 0)
+    data = _read_piece_bytes(piece).replace(b"\r\n", b"\n")
+    if not data:
+        return 0, 0
+    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))
+    lines = len(newlines) + (0 if data.endswith(b"\n") else 1)
+    # A blank line is a newline right after another newline (or at the very start).
+    blank = int(np.count_nonzero(np.diff(newlines) == 1)) + int(data.startswith(b"\n"))
+    return lines, lines - blank - (1 if piece.has_header else 0)
 
 
 def plan_pieces(spec: DataSpec) -> list[Piece]:
