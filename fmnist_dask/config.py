@@ -79,6 +79,41 @@ class KMeansSpec(_Strict):
     tol: float = Field(default=1e-4, gt=0)
 
 
+class SampleSpec(_Strict):
+    """The reduced sample the sample-based models are fitted on.
+
+    ``size: null`` takes every row when the data has at most 70,000 rows, else 70,000.
+    """
+
+    size: int | None = Field(default=None, ge=2)
+
+
+class GMMSpec(_Strict):
+    """Gaussian mixture on the PCA-projected sample."""
+
+    enabled: bool = True
+    n_components: int = Field(default=10, ge=2)
+    covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"
+
+
+class SpectralSpec(_Strict):
+    """Spectral clustering (nearest-neighbours affinity) on the PCA-projected sample."""
+
+    enabled: bool = True
+    n_clusters: int = Field(default=10, ge=2)
+    n_neighbors: int = Field(default=10, ge=2)
+    extension_neighbors: int = Field(default=10, ge=1)
+
+
+class TSNESpec(_Strict):
+    """2-D t-SNE map of the sample (openTSNE)."""
+
+    enabled: bool = True
+    perplexity: float = Field(default=30.0, gt=0)
+    embed_all: bool = False
+    n_jobs: int = -1
+
+
 class ScoreSpec(_Strict):
     """Scoring settings."""
 
@@ -106,6 +141,10 @@ class JobSpec(_Strict):
     eda: EdaSpec = EdaSpec()
     reduce: ReduceSpec = ReduceSpec()
     kmeans: KMeansSpec = KMeansSpec()
+    sample: SampleSpec = SampleSpec()
+    gmm: GMMSpec = GMMSpec()
+    spectral: SpectralSpec = SpectralSpec()
+    tsne: TSNESpec = TSNESpec()
     scores: ScoreSpec = ScoreSpec()
     cluster: ClusterRef = ClusterRef()
 

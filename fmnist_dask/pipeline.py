@@ -12,7 +12,7 @@ from pathlib import Path
 from fmnist_dask.config import JobSpec
 from fmnist_dask.dask_cluster import load_cluster_config, open_cluster
 from fmnist_dask.rundir import default_run_name, open_run
-from fmnist_dask.stages import clean, cluster, eda, evaluate, load, reduce
+from fmnist_dask.stages import clean, cluster, eda, embed, evaluate, load, reduce
 
 logger = logging.getLogger("fmnist_dask")
 #: Keep the pixels in worker memory when they take at most this share of it.
@@ -80,12 +80,38 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
                                            images=centres)
                     results.append(result)
                     record.update(result.scores)
+            needs_sample = spec.gmm.enabled or spec.spectral.enabled or spec.tsne.enabled
+            if needs_sample:
+                with run.stage("sample", log) as record:
+                    sample = cluster.draw_sample(spaces["pca"], spec.sample.size, spec.seed)
+                    record["sample_size"] = sample.size
+            if spec.gmm.enabled:
+                with run.stage("gmm", log) as record:
+                    results.append(cluster.gmm(spaces["pca"], sample, spec.gmm, spec.seed))
+                    record.update(results[-1].scores)
+            if spec.spectral.enabled:
+                with run.stage("spectral", log) as record:
+                    results.append(cluster.spectral(spaces["pca"], sample, spec.spectral,
+                                                    spec.seed))
+                    record.update(results[-1].scores)
+            if spec.tsne.enabled:
+                with run.stage("tsne", log) as record:
+                    embedding, manifest["tsne"] = embed.tsne(
+                        spaces["pca"], sample, data.row_id, spec.tsne, spec.seed, run.dir)
+                    record.update(manifest["tsne"])
         if results:
             with run.stage("evaluate", log) as record:
                 rows = [evaluate.score(r, spaces[r.features], data, spec.scores, run.dir,
                                        spec.seed) for r in results]
                 evaluate.write_assignments(results, data, run.dir)
-                manifest["metrics"] = evaluate.write_metrics(rows, run.dir).to_dict("records")
+                metrics = evaluate.write_metrics(rows, run.dir)
+                manifest["metrics"] = metrics.to_dict("records")
+                if spec.reduce.enabled and spec.tsne.enabled:
+                    evaluate.tsne_figures(embedding.coordinates, embedding.indices, results,
+                                          data, run.dir)
+                seconds = {name: stage["seconds"] for name, stage in manifest["stages"].items()
+                           if "seconds" in stage}
+                evaluate.write_comparison(metrics, seconds, run.dir)
                 record["methods"] = [r.method for r in results]
     logger.info("run directory: %s", run.dir)
     return run.dir

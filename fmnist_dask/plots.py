@@ -122,3 +122,55 @@ def contingency_heatmap(table: np.ndarray, class_names: Sequence[str],
     fig.colorbar(image, ax=ax, label="images")
     ax.set_title(title)
     return save(fig, path)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def scatter_by_group(xy: np.ndarray, groups: np.ndarray, names: Sequence[str], path: Path,
+                     title: str) -> Path:
+    """2-D scatter coloured (tab10) and shaped by group, with a legend by name.
+
+    Colour and marker both encode the group, so the plot still reads in grey or for
+    colour-blind readers.
+    """
+    fig, ax = plt.subplots(figsize=(8.5, 7))
+    cmap = plt.get_cmap("tab10")
+    size = max(0.5, min(6.0, 20000 / max(len(xy), 1)))
+    for g, name in enumerate(names):
+        members = xy[groups == g]
+        if not len(members):
+            continue
+        ax.scatter(members[:, 0], members[:, 1], s=size, color=cmap(g % 10),
+                   marker=MARKERS[g % len(MARKERS)], linewidths=0, alpha=0.6,
+                   label=f"{name} ({len(members):,})", rasterized=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    legend = ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                       markerscale=max(1.0, 6 / size), frameon=False)
+    for handle in legend.legend_handles:
+        handle.set_alpha(1)
+    return save(fig, path)
+
+
+def method_comparison(methods: Sequence[str], scores: dict[str, Sequence[float]], path: Path,
+                      title: str) -> Path:
+    """Grouped bars: one group per score (silhouette, ACC, NMI, ARI), one bar per method."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    cmap = plt.get_cmap("tab10")
+    hatches = ("", "//", "..", "xx", "\\\\", "--", "oo", "++")
+    width = 0.8 / max(len(methods), 1)
+    positions = np.arange(len(scores))
+    for i, method in enumerate(methods):
+        values = [scores[s][i] for s in scores]
+        bars = ax.bar(positions + i * width, values, width, label=method, color=cmap(i % 10),
+                      hatch=hatches[i % len(hatches)], edgecolor="white")
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+    ax.set_xticks(positions + width * (len(methods) - 1) / 2, list(scores))
+    ax.set_ylabel("score (higher is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncols=min(len(methods), 6), loc="upper center",
+              bbox_to_anchor=(0.5, -0.08), frameon=False)
+    ax.axhline(0, color="black", linewidth=0.5)
+    return save(fig, path)

@@ -19,6 +19,7 @@ from tests.test_load_clean import write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "fmnist_dask.cli"]
+METHODS = ["kmeans_raw", "kmeans_pca", "gmm", "spectral"]
 
 
 def cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -96,7 +97,8 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
     assert manifest["dashboard_link"].startswith("http://127.0.0.1:")
     assert manifest["cluster"]["n_workers"] >= 1
     assert manifest["versions"]["dask"] and manifest["versions"]["scikit-learn"]
-    for stage in ("load", "clean", "eda", "kmeans_raw", "reduce", "kmeans_pca", "evaluate"):
+    for stage in ("load", "clean", "eda", "kmeans_raw", "reduce", "kmeans_pca", "sample", "gmm",
+                  "spectral", "tsne", "evaluate"):
         assert manifest["stages"][stage]["status"] == "done"
         assert manifest["stages"][stage]["seconds"] > 0
     images = np.concatenate([real_arrays["train"][0][:1500], real_arrays["test"][0][:300]])
@@ -106,12 +108,19 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
     assert len(cleaned) == 1800 and cleaned["row_id"].is_unique
     for png in ("eda/sample_images.png", "eda/class_distribution.png",
                 "eda/pixel_histogram.png", "pca/explained_variance.png", "pca/components.png",
-                *[f"clusters/{m}_{kind}.png" for m in ("kmeans_raw", "kmeans_pca")
-                  for kind in ("samples", "contingency", "centroids")]):
+                "comparison.png", "embedding/tsne_true_class.png",
+                *[f"clusters/{m}_{kind}.png" for m in METHODS
+                  for kind in ("samples", "contingency")],
+                *[f"clusters/{m}_centroids.png" for m in ("kmeans_raw", "kmeans_pca")],
+                *[f"embedding/tsne_{m}.png" for m in METHODS]):
         assert (run / png).read_bytes()[:4] == b"\x89PNG", png
 
     metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")
-    assert list(metrics.index) == ["kmeans_raw", "kmeans_pca"]
+    assert list(metrics.index) == METHODS
+    assert metrics.loc["gmm", "log_likelihood"] < 0 < metrics.loc["gmm", "bic"]
+    assert "| spectral | pca |" in (run / "comparison.md").read_text()
+    embedding = pd.read_parquet(run / "embedding")
+    assert list(embedding.columns) == ["row_id", "x", "y"] and len(embedding) == 1800
     assignments = pd.read_parquet(run / "assignments").sort_values("row_id")
     assert len(assignments) == 1800
     labels = np.concatenate([real_arrays["train"][1][:1500], real_arrays["test"][1][:300]])
@@ -119,8 +128,9 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
     projected = pd.read_parquet(run / "projected").sort_values("row_id")
     assert list(projected.columns) == ["row_id", *[f"pc{i}" for i in range(1, 11)]]
     # Scores recomputed independently with scikit-learn from the written files.
-    for method, space in (("kmeans_raw", images / 255.0),
-                          ("kmeans_pca", projected.iloc[:, 1:].to_numpy())):
+    spaces = {"pixels": images / 255.0, "pca": projected.iloc[:, 1:].to_numpy()}
+    for method in METHODS:
+        space = spaces[metrics.loc[method, "features"]]
         predicted = assignments[method].to_numpy()
         assert set(predicted) == set(range(10))
         assert metrics.loc[method, "nmi"] == pytest.approx(
@@ -129,6 +139,8 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
             adjusted_rand_score(labels, predicted), abs=1e-9)
         assert metrics.loc[method, "silhouette"] == pytest.approx(
             silhouette_score(space, predicted), abs=1e-4)
+        if "kmeans" not in method:
+            continue
         centres = np.stack([space[predicted == k].mean(axis=0) for k in range(10)])
         inertia = ((space - centres[predicted]) ** 2).sum()
         # Cluster means minimise the sum of squares: the model's centres can only tie it.

@@ -10,13 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 
 from fmnist_dask import plots
-from fmnist_dask.config import KMeansSpec
+from fmnist_dask.config import GMMSpec, KMeansSpec, SpectralSpec
+from fmnist_dask.models.extend import KNeighborsExtension
+from fmnist_dask.models.gmm import fit_gmm, gmm_summary, predict_blocks
 from fmnist_dask.models.kmeans import DaskKMeans
+from fmnist_dask.models.spectral import FastSpectralClustering
+from fmnist_dask.sampling import uniform_row_sample
 
 
 @dataclass
@@ -81,3 +86,75 @@ def save_centroids(centers: np.ndarray, method: str, out_dir: Path,
     if images is not None:
         plots.image_grid(np.clip(images, 0, 1), [f"cluster {k}" for k in range(len(images))], 5,
                          cluster_dir / f"{method}_centroids.png", f"{method}: cluster centres")
+
+
+@dataclass
+class Sample:
+    """The reduced sample: positions in the full data and the rows, kept on the workers.
+
+    Attributes
+    ----------
+    indices : ndarray, shape (n_sample,), int64
+        Sorted positions of the sampled rows.
+    rows : dask.array, shape (n_sample, n_features)
+        The sampled rows of the PCA projection, persisted on the workers.
+    """
+
+    indices: np.ndarray
+    rows: da.Array
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+def draw_sample(projected: da.Array, size: int | None, seed: int) -> Sample:
+    """A seeded uniform sample of the projected rows, taken block by block on the workers."""
+    indices, rows = uniform_row_sample(projected, size, seed)
+    return Sample(indices=indices, rows=rows.rechunk({0: -1}).persist())
+
+
+def _on_worker(func, *args, **kwargs):
+    """Run ``func`` on a worker (where the sample lives); return its small result."""
+    return dask.delayed(func, pure=False)(*args, **kwargs).compute()
+
+
+def gmm(projected: da.Array, sample: Sample, spec: GMMSpec, seed: int) -> ClusterResult:
+    """Gaussian mixture fitted on the sample on a worker; every row assigned per block."""
+    start = time.perf_counter()
+    rows = sample.rows.to_delayed().ravel()[0]
+    model = _on_worker(fit_gmm, rows, n_components=spec.n_components,
+                       covariance_type=spec.covariance_type, random_state=seed)
+    summary = _on_worker(gmm_summary, model, rows)
+    labels = predict_blocks(model, projected).persist()
+    da.compute(labels.sum())
+    return ClusterResult(
+        method="gmm", labels=labels, n_clusters=spec.n_components, features="pca",
+        fit_seconds=time.perf_counter() - start,
+        scores={"log_likelihood": summary["avg_log_likelihood"], "bic": summary["bic"],
+                "n_iter": summary["n_iter"], "converged": summary["converged"],
+                "sample_size": sample.size},
+    )
+
+
+def _fit_spectral(rows: np.ndarray, spec: SpectralSpec, seed: int) -> np.ndarray:
+    model = FastSpectralClustering(n_clusters=spec.n_clusters, n_neighbors=spec.n_neighbors,
+                                   random_state=seed)
+    return model.fit(rows).labels_
+
+
+def spectral(projected: da.Array, sample: Sample, spec: SpectralSpec, seed: int
+             ) -> ClusterResult:
+    """Spectral clustering of the sample on a worker; other rows by a k-NN vote per block."""
+    start = time.perf_counter()
+    rows = sample.rows.to_delayed().ravel()[0]
+    sample_labels = _on_worker(_fit_spectral, rows, spec, seed)
+    extension = KNeighborsExtension(n_neighbors=spec.extension_neighbors).fit(
+        sample.rows.compute(), sample_labels, sample_indices=sample.indices
+    )
+    labels = extension.predict(projected).astype(np.int32).persist()
+    da.compute(labels.sum())
+    return ClusterResult(
+        method="spectral", labels=labels, n_clusters=spec.n_clusters, features="pca",
+        fit_seconds=time.perf_counter() - start, scores={"sample_size": sample.size},
+    )

@@ -99,3 +99,46 @@ def write_metrics(rows: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame.to_parquet(out_dir / METRICS_FILE, index=False)
     return frame
+
+
+def tsne_figures(coordinates: np.ndarray, indices: np.ndarray, results: list[ClusterResult],
+                 data: CleanData, out_dir: Path) -> list[Path]:
+    """t-SNE maps of the sample coloured by each method's clusters and by the true class."""
+    embed_dir = out_dir / "embedding"
+    labels = dask.compute(*[take_rows(r.labels, indices) for r in results],
+                          take_rows(data.label, indices))
+    paths = []
+    for result, clusters in zip(results, labels[:-1], strict=True):
+        names = [f"cluster {k}" for k in range(result.n_clusters)]
+        paths.append(plots.scatter_by_group(
+            coordinates, clusters, names, embed_dir / f"tsne_{result.method}.png",
+            f"t-SNE of {len(indices):,} rows coloured by {result.method} clusters"))
+    truth = labels[-1]
+    if (truth >= 0).any():
+        paths.append(plots.scatter_by_group(
+            coordinates, truth, LABEL_NAMES, embed_dir / "tsne_true_class.png",
+            f"t-SNE of {len(indices):,} rows coloured by true class (evaluation only)"))
+    return paths
+
+
+COMPARISON_SCORES = ("silhouette", "acc", "nmi", "ari")
+
+
+def write_comparison(metrics: pd.DataFrame, stage_seconds: dict[str, float], out_dir: Path
+                     ) -> pd.DataFrame:
+    """``comparison.png`` and ``comparison.md``: every method's scores side by side."""
+    columns = [c for c in ("method", "features", "inertia", "silhouette", "log_likelihood",
+                           "bic", "acc", "nmi", "ari", "fit_seconds") if c in metrics]
+    table = metrics[columns].copy()
+    present = [s for s in COMPARISON_SCORES if s in table]
+    plots.method_comparison(list(table["method"]),
+                            {s: table[s].fillna(0).tolist() for s in present},
+                            out_dir / "comparison.png", "Clustering methods compared")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in table.iterrows():
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells).replace("nan", "") + " |")
+    lines += ["", "Stage wall times (s): " + ", ".join(
+        f"{name} {seconds:.1f}" for name, seconds in stage_seconds.items())]
+    (out_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    return table

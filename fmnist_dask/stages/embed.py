@@ -1,0 +1,72 @@
+"""Embed stage: 2-D t-SNE map of the reduced sample (openTSNE, FFT-accelerated).
+
+The sample is embedded on a worker; only its 2-D coordinates come back. Rows outside the
+sample are placed only when ``tsne.embed_all`` asks for it, block by block on the workers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from fmnist_dask.artefacts import write_aligned_parquet
+from fmnist_dask.config import TSNESpec
+from fmnist_dask.models.tsne import TSNEEmbedding, subsample_trustworthiness
+from fmnist_dask.sampling import take_rows
+from fmnist_dask.stages.cluster import Sample
+
+EMBEDDING_DIR = "embedding"
+
+
+@dataclass
+class Embedding:
+    """t-SNE coordinates of the sample rows (``indices`` are their positions in the data)."""
+
+    indices: np.ndarray
+    coordinates: np.ndarray
+
+
+def _fit(rows: np.ndarray, spec: TSNESpec, seed: int) -> TSNEEmbedding:
+    return TSNEEmbedding(perplexity=spec.perplexity, n_jobs=spec.n_jobs,
+                         random_state=seed).fit(rows)
+
+
+def tsne(projected: da.Array, sample: Sample, row_id: da.Array, spec: TSNESpec, seed: int,
+         out_dir: Path) -> tuple[Embedding, dict[str, Any]]:
+    """Fit t-SNE on the sample and write ``embedding/part.N.parquet`` (row_id, x, y).
+
+    Returns
+    -------
+    Embedding
+        The sample's coordinates, for the scatter plots.
+    dict
+        ``sample_size``, ``kl_divergence``, ``trustworthiness`` (5 neighbours, on up to
+        5,000 sample points) and ``fit_seconds``.
+    """
+    start = time.perf_counter()
+    rows = sample.rows.to_delayed().ravel()[0]
+    model = dask.delayed(_fit, pure=False)(rows, spec, seed).compute()
+    fit_seconds = time.perf_counter() - start
+    if spec.embed_all:
+        ids = row_id
+        coordinates = model.transform_blocks(projected, sample_indices=sample.indices)
+    else:
+        ids = take_rows(row_id, sample.indices)
+        coordinates = da.from_array(model.embedding_, chunks=(ids.chunks[0], 2))
+    write_aligned_parquet(out_dir / EMBEDDING_DIR,
+                          {"row_id": ids, "x": coordinates[:, 0], "y": coordinates[:, 1]})
+    summary = {
+        "sample_size": sample.size,
+        "embedded_rows": int(projected.shape[0]) if spec.embed_all else sample.size,
+        "kl_divergence": float(model.kl_divergence_),
+        "trustworthiness": subsample_trustworthiness(sample.rows.compute(), model.embedding_,
+                                                     random_state=seed),
+        "fit_seconds": fit_seconds,
+    }
+    return Embedding(indices=sample.indices, coordinates=model.embedding_), summary
