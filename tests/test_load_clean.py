@@ -219,3 +219,65 @@ def test_quarantine_sets_bad_rows_aside_and_accounts_for_every_row(tmp_path, das
     assert rejected["content"].iloc[0].startswith("3,")  # the raw line is kept
     kept = cleaned_frame(out)
     assert len(kept) == 32 and not set(kept.row_id) & set(rejected.row_id)
+
+
+# ---------------------------------------------------------------------------------------
+# Other input formats
+
+
+def test_gzip_csv_parquet_and_file_urls_read_the_same_rows(tmp_path, real_arrays, dask_client):
+    import gzip
+
+    images, labels = real_arrays["test"]
+    images, labels = images[:700], labels[:700]
+    plain = write_rows(tmp_path / "plain.csv", labels, images)
+    with gzip.open(tmp_path / "packed.csv.gz", "wb") as handle:
+        handle.write(plain.read_bytes())
+    frame = pd.DataFrame(np.column_stack([labels, images]), columns=list(CSV_COLUMNS))
+    parquet_dir = tmp_path / "parquet"
+    parquet_dir.mkdir()
+    frame.iloc[:300].to_parquet(parquet_dir / "a.parquet", index=False)
+    frame.iloc[300:].to_parquet(parquet_dir / "b.parquet", index=False, row_group_size=150)
+
+    specs = {
+        "gzip": DataSpec(dir=str(tmp_path), splits={"test": "packed.csv.gz"}),
+        "url": DataSpec(dir=str(tmp_path), splits={"test": f"file://{plain}"}),
+        "glob": DataSpec(dir=str(tmp_path), splits={"test": "pl*.csv"}),
+        "parquet": DataSpec(format="parquet", dir=str(tmp_path), splits={"test": "parquet"}),
+    }
+    for name, spec in specs.items():
+        out = tmp_path / f"run-{name}"
+        out.mkdir()
+        counts, run = run_clean(out, spec)
+        assert counts.as_dict()["test"]["kept"] == 700, name
+        kept = cleaned_frame(run)
+        np.testing.assert_array_equal(kept[list(PIXEL_COLUMNS)].to_numpy(), images, err_msg=name)
+        np.testing.assert_array_equal(kept["label"], labels, err_msg=name)
+
+
+def test_unlabelled_csv_is_read_with_label_minus_one(tmp_path, real_arrays, dask_client):
+    images = real_arrays["test"][0][:50]
+    write_rows(tmp_path / "unlabelled.csv", None, images)
+    counts, out = run_clean(tmp_path, DataSpec(dir=str(tmp_path),
+                                               splits={"new": "unlabelled.csv"}))
+    assert counts.as_dict()["new"]["kept"] == 50
+    kept = cleaned_frame(out)
+    assert (kept["label"] == -1).all()
+    np.testing.assert_array_equal(kept[list(PIXEL_COLUMNS)].to_numpy(), images)
+
+
+def test_parquet_with_bad_values_is_quarantined(tmp_path, dask_client):
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame(np.column_stack([rng.integers(0, 10, 20), _random_images(rng, 20)]),
+                         columns=list(CSV_COLUMNS)).astype("int64")
+    frame.loc[4, "pixel9"] = 999
+    frame.loc[7, "label"] = 10
+    frame.to_parquet(tmp_path / "data.parquet", index=False)
+    spec = DataSpec(format="parquet", dir=str(tmp_path), splits={"train": "data.parquet"})
+    counts, out = run_clean(tmp_path, spec, CleanSpec(on_bad_rows="quarantine"))
+    assert counts.as_dict()["train"] == {"read": 20, "rejected": 2, "duplicates": 0, "kept": 18}
+    rejected = pd.read_parquet(out / "rejected.parquet")
+    assert rejected["source_line"].tolist() == [5, 8]  # 1-based row numbers
+    assert rejected["reject_column"].tolist() == ["pixel9", "label"]
+    assert rejected["reject_reason"].tolist() == ["pixel not in 0..255: '999'",
+                                                  "label not in 0..9: '10'"]
