@@ -1,0 +1,182 @@
+"""Carry cluster labels fitted on a sample to every row: a k-nearest-neighbour vote per block.
+
+The fitted index (a kd-tree over the sample, its labels and the sample's row positions) is
+small next to the data and travels once to each worker as one graph key; every block of the
+full data is then labelled where it lives. Rows that belong to the sample keep exactly the
+label the sample model gave them: they are recognised by their position, not by distance, so
+duplicated points that the sample model put in different clusters stay as they were.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.neighbors import KDTree
+from sklearn.utils import check_array
+
+
+@dataclass(frozen=True)
+class _FittedIndex:
+    """What the workers need to label a block (pickled once per worker)."""
+
+    tree: KDTree
+    codes: np.ndarray  # (n_sample,) label codes in [0, n_classes)
+    classes: np.ndarray  # (n_classes,) original labels
+    sample_indices: np.ndarray | None  # (n_sample,) sorted row positions, or None
+    sample_order: np.ndarray | None  # sample rows in the order of sample_indices
+    n_neighbors: int
+
+
+def _vote(neighbour_codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Majority label of each row of neighbour codes (nearest first); ties go to nearer ones.
+
+    Each neighbour adds 1 plus a rank bonus; the bonuses of all k neighbours sum to 0.5,
+    so they only ever break ties between equal counts.
+    """
+    m, k = neighbour_codes.shape
+    bonus = (k - np.arange(k)) / (k * (k + 1.0))
+    votes = np.zeros((m, n_classes))
+    rows = np.arange(m)
+    for rank in range(k):  # a loop over k neighbours, vectorised over the rows
+        votes[rows, neighbour_codes[:, rank]] += 1.0 + bonus[rank]
+    return np.argmax(votes, axis=1)
+
+
+def _label_block(
+    block: np.ndarray, index: _FittedIndex, block_info: dict | None = None
+) -> np.ndarray:
+    """Labels of one block of rows; rows of the sample get their sample label."""
+    start = block_info[0]["array-location"][0][0] if block_info else 0
+    codes = np.empty(block.shape[0], dtype=np.int64)
+    todo = np.ones(block.shape[0], dtype=bool)
+    if index.sample_indices is not None:
+        positions = start + np.arange(block.shape[0], dtype=np.int64)
+        where = np.searchsorted(index.sample_indices, positions)
+        where = np.minimum(where, index.sample_indices.size - 1)
+        in_sample = index.sample_indices[where] == positions
+        codes[in_sample] = index.codes[index.sample_order[where[in_sample]]]
+        todo = ~in_sample
+    if todo.any():
+        k = min(index.n_neighbors, index.codes.size)
+        distance, neighbours = index.tree.query(np.asarray(block[todo], np.float64), k=k)
+        voted = _vote(index.codes[neighbours], index.classes.size)
+        if index.sample_indices is None:
+            # Without positions, a point identical to a sample point takes its label.
+            exact = distance[:, 0] == 0.0
+            voted[exact] = index.codes[neighbours[exact, 0]]
+        codes[todo] = voted
+    return index.classes[codes]
+
+
+class KNeighborsExtension(BaseEstimator):
+    """Label every row of a dask array by a k-NN majority vote among labelled sample points.
+
+    Parameters
+    ----------
+    n_neighbors : int, default=10
+        Sample neighbours that vote for each row outside the sample.
+    leaf_size : int, default=40
+        Leaf size of the kd-tree.
+
+    Attributes
+    ----------
+    classes_ : numpy.ndarray of shape (n_classes,)
+        Distinct sample labels, sorted.
+    index_ : sklearn.neighbors.KDTree
+        Tree over the sample points (features as given to ``fit``, e.g. PCA components).
+    sample_indices_ : numpy.ndarray of shape (n_sample,) or None
+        Sorted positions of the sample rows in the full data, when given to ``fit``.
+    n_features_in_ : int
+        Features of the sample.
+    """
+
+    def __init__(self, n_neighbors: int = 10, *, leaf_size: int = 40) -> None:
+        self.n_neighbors = n_neighbors
+        self.leaf_size = leaf_size
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        sample_indices: np.ndarray | None = None,
+    ) -> KNeighborsExtension:
+        """Index the labelled sample.
+
+        Parameters
+        ----------
+        X : numpy.ndarray of shape (n_sample, n_features)
+            Sample points in the space of the vote (e.g. the PCA projection).
+        y : numpy.ndarray of shape (n_sample,)
+            Labels the sample model gave them (cluster ids).
+        sample_indices : numpy.ndarray of shape (n_sample,), optional
+            Positions of the sample rows in the full array later passed to ``predict`` (as
+            returned by :func:`fmnist_dask.sampling.uniform_row_sample`), unique. With them,
+            the sample rows get exactly ``y``; without them, a row at distance 0 from a
+            sample point takes that point's label.
+
+        Returns
+        -------
+        self : KNeighborsExtension
+            Fitted estimator.
+        """
+        X = check_array(X, dtype=np.float64)
+        y = np.asarray(y)
+        if y.shape != (X.shape[0],):
+            raise ValueError(f"y must have shape ({X.shape[0]},), got {y.shape}")
+        if self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be >= 1, got {self.n_neighbors}")
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        self.n_features_in_ = X.shape[1]
+        self.index_ = KDTree(X, leaf_size=self.leaf_size)
+        order = None
+        if sample_indices is not None:
+            sample_indices = np.asarray(sample_indices, dtype=np.int64)
+            if sample_indices.shape != y.shape:
+                raise ValueError("sample_indices must have one position per sample row")
+            order = np.argsort(sample_indices, kind="stable")
+            sample_indices = sample_indices[order]
+            if np.any(np.diff(sample_indices) == 0):
+                raise ValueError("sample_indices must be unique")
+        self.sample_indices_ = sample_indices
+        self._index = _FittedIndex(
+            self.index_, codes.astype(np.int64), self.classes_, sample_indices, order,
+            int(self.n_neighbors),
+        )
+        # A fixed key name: the index is tokenized once, not hashed on every predict.
+        self._key = f"knn-extension-index-{uuid.uuid4().hex}"
+        return self
+
+    def predict(self, X: da.Array | np.ndarray) -> da.Array | np.ndarray:
+        """Label every row: sample rows by their sample label, the others by the k-NN vote.
+
+        Parameters
+        ----------
+        X : dask.array.Array or numpy.ndarray of shape (n_rows, n_features)
+            The full data in the same space as the sample, rows in the order that
+            ``sample_indices`` refer to. Row chunks must be known for a dask array.
+
+        Returns
+        -------
+        dask.array.Array or numpy.ndarray of shape (n_rows,)
+            Labels (values of ``classes_``); lazy for a dask input, chunked like the rows.
+        """
+        if not hasattr(self, "_index"):
+            raise AttributeError("KNeighborsExtension is not fitted; call fit first")
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
+        if not isinstance(X, da.Array):
+            return _label_block(np.asarray(X), self._index)
+        if any(np.isnan(c) for c in X.chunks[0]):
+            raise ValueError("row chunk sizes are unknown; call X.compute_chunk_sizes() first")
+        if X.numblocks[1] != 1:
+            X = X.rechunk({1: -1})  # the vote needs whole rows
+        index = dask.delayed(self._index, name=self._key, pure=True)
+        return da.map_blocks(
+            _label_block, X, index=index, drop_axis=1, dtype=self.classes_.dtype,
+            meta=np.empty((0,), dtype=self.classes_.dtype),
+        )
