@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 
 from fmnist_dask.fetch import IMAGE_SHAPE  # noqa: E402
 
@@ -47,8 +48,10 @@ def bar_chart(names: Sequence[str], series: dict[str, Sequence[float]], path: Pa
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / max(len(series), 1)
     positions = np.arange(len(names))
+    hatches = ("", "//", "..", "xx")  # series stay apart in grey and for colour-blind readers
     for i, (label, values) in enumerate(series.items()):
-        ax.bar(positions + i * width, values, width, label=label)
+        ax.bar(positions + i * width, values, width, label=label,
+               hatch=hatches[i % len(hatches)], edgecolor="white")
     ax.set_xticks(positions + width * (len(series) - 1) / 2, names, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -131,8 +134,8 @@ def scatter_by_group(xy: np.ndarray, groups: np.ndarray, names: Sequence[str], p
                      title: str) -> Path:
     """2-D scatter coloured (tab10) and shaped by group, with a legend by name.
 
-    Colour and marker both encode the group, so the plot still reads in grey or for
-    colour-blind readers.
+    Colour and marker both encode the group, and each group's name is written at its median
+    point, so the plot still reads in grey or for colour-blind readers.
     """
     fig, ax = plt.subplots(figsize=(8.5, 7))
     cmap = plt.get_cmap("tab10")
@@ -147,8 +150,16 @@ def scatter_by_group(xy: np.ndarray, groups: np.ndarray, names: Sequence[str], p
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
+    for g, name in enumerate(names):
+        members = xy[groups == g]
+        if len(members):
+            x, y = np.median(members, axis=0)
+            ax.text(x, y, name.removeprefix("cluster "), fontsize=8, fontweight="bold",
+                    ha="center", va="center",
+                    path_effects=[patheffects.withStroke(linewidth=3, foreground="white")])
+    # Legend markers about 7 pt across whatever the point size (s is an area in pt^2).
     legend = ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
-                       markerscale=max(1.0, 6 / size), frameon=False)
+                       markerscale=max(1.0, float(np.sqrt(40 / size))), frameon=False)
     for handle in legend.legend_handles:
         handle.set_alpha(1)
     return save(fig, path)
