@@ -1,4 +1,4 @@
-"""Command line: ``fmnist-dask run``, ``fmnist-dask fetch``.
+"""Command line: ``fmnist-dask run``, ``fetch``, ``report``, ``compare``.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad job spec or usage, 3 bad input data,
 4 cluster unreachable or unusable, 130 interrupted (Ctrl-C).
@@ -16,7 +16,15 @@ EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_INPUT, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 
 DEFAULT_JOB = Path("jobs/fashion_mnist.yaml")
 
 
+def _out_file(value: str) -> Path:
+    if Path(value).suffix.lower() not in (".md", ".markdown", ".html", ".htm"):
+        raise argparse.ArgumentTypeError(f"{value}: must end in .md or .html")
+    return Path(value)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from fmnist_dask.stages.report import DEFAULT_SORT, SCORES
+
     parser = argparse.ArgumentParser(
         prog="fmnist-dask",
         description="Distributed unsupervised analysis of Fashion-MNIST on Dask.",
@@ -38,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     verbosity = run.add_mutually_exclusive_group()
     verbosity.add_argument("--quiet", action="store_true", help="only warnings and errors")
     verbosity.add_argument("--verbose", action="store_true", help="debug logging")
+
+    report = sub.add_parser("report", help="(re)write RUN_DIR/report.html from its files")
+    report.add_argument("run_dir", type=Path, help="a run directory (outputs/<run name>)")
+    report.add_argument("--sort-by", choices=list(SCORES), default=DEFAULT_SORT,
+                        help=f"score that ranks the methods (default {DEFAULT_SORT})")
+
+    compare = sub.add_parser("compare", help="the methods' scores side by side across runs")
+    compare.add_argument("runs", nargs="+", type=Path, help="run directories")
+    compare.add_argument("--sort-by", choices=list(SCORES), default=DEFAULT_SORT,
+                         help=f"score that orders the methods (default {DEFAULT_SORT})")
+    compare.add_argument("--out", type=_out_file, action="append", default=[],
+                         help="also write the comparison to FILE.md or FILE.html (repeatable)")
 
     fetch = sub.add_parser("fetch", help="get the official Fashion-MNIST files (sha256-checked)")
     fetch.add_argument("--dest", type=Path, default=Path("data/fashion-mnist"),
@@ -86,6 +106,23 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fmnist_dask.stages.report import write_report
+
+    print(write_report(args.run_dir, sort_by=args.sort_by))
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fmnist_dask.compare import compare_runs, to_text, write
+
+    comparison = compare_runs(args.runs, sort_by=args.sort_by)
+    print(to_text(comparison), end="")
+    for path in args.out:
+        print(f"wrote {write(comparison, path)}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fmnist_dask.config import load_job_spec
     from fmnist_dask.pipeline import run_job
@@ -112,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fmnist_dask.stages.load import InputError
 
     handlers = {"run": _cmd_run, "fetch": _cmd_fetch}
+    handlers |= {"report": _cmd_report, "compare": _cmd_compare}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

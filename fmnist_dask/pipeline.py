@@ -12,7 +12,7 @@ from pathlib import Path
 from fmnist_dask.config import JobSpec
 from fmnist_dask.dask_cluster import load_cluster_config, open_cluster
 from fmnist_dask.rundir import default_run_name, open_run
-from fmnist_dask.stages import clean, cluster, eda, embed, evaluate, load, reduce
+from fmnist_dask.stages import clean, cluster, eda, embed, evaluate, load, reduce, report
 
 logger = logging.getLogger("fmnist_dask")
 #: Keep the pixels in worker memory when they take at most this share of it.
@@ -113,5 +113,8 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
                            if "seconds" in stage}
                 evaluate.write_comparison(metrics, seconds, run.dir)
                 record["methods"] = [r.method for r in results]
+        with run.stage("report", log) as record:
+            # Built from the files written above only, exactly as `fmnist-dask report` does.
+            record["file"] = report.write_report(run.dir).name
     logger.info("run directory: %s", run.dir)
     return run.dir
