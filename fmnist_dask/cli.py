@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 unexpected error, 2 bad job spec or usage, 3 bad input 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -47,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     verbosity.add_argument("--quiet", action="store_true", help="only warnings and errors")
     verbosity.add_argument("--verbose", action="store_true", help="debug logging")
 
+    aug = sub.add_parser("augment", help="write augmented copies of a dataset as parquet")
+    aug.add_argument("job", nargs="?", type=Path, default=DEFAULT_JOB,
+                     help="job spec whose augment section (and cluster) to use "
+                          f"(default {DEFAULT_JOB})")
+    aug.add_argument("--factor", type=int, help="augmented copies per source image")
+    aug.add_argument("--out", help="output directory (augment.out)")
+    aug.add_argument("--seed", type=int, help="seed of the random transforms (augment.seed)")
+    aug.add_argument("--source-dir", help="directory of the source files (augment.source.dir)")
+    aug.add_argument("--csv", action="store_true", default=None,
+                     help="also write CSV shards in the Kaggle layout")
+    for transform in ("shift", "rotate", "flip", "jitter", "noise"):
+        aug.add_argument(f"--no-{transform}", dest=transform, action="store_false",
+                         default=None, help=f"switch the {transform} transform off")
+    aug.add_argument("--cluster", help="cluster config YAML (see cluster_config/)")
+    aug.add_argument("--scheduler", help="address of a running scheduler")
+
     report = sub.add_parser("report", help="(re)write RUN_DIR/report.html from its files")
     report.add_argument("run_dir", type=Path, help="a run directory (outputs/<run name>)")
     report.add_argument("--sort-by", choices=list(SCORES), default=DEFAULT_SORT,
@@ -72,25 +89,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(quiet: bool = False, verbose: bool = False) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    ours = logging.getLogger("fmnist_dask")
-    ours.setLevel(level)
-    if not ours.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        ours.addHandler(handler)
-        ours.propagate = False
-    import distributed  # noqa: F401  (sets its own logger levels on import; override them)
+    # One line format (UTC time, level, stage) for this package and Dask, on stderr; a run
+    # adds run.log. --quiet: warnings and errors only on the terminal, no progress line.
+    from fmnist_dask.logs import configure
 
-    quiet_level = logging.DEBUG if verbose else logging.WARNING
-    for name in ("distributed", "bokeh", "tornado", *[
-        n for n in logging.root.manager.loggerDict if n.startswith("distributed.")
-    ]):
-        logging.getLogger(name).setLevel(quiet_level)
-    # p2p shuffles announce themselves at WARNING level on every run.
-    if not verbose:
-        logging.getLogger("distributed.shuffle").setLevel(logging.ERROR)
-        logging.getLogger("distributed.shuffle._scheduler_plugin").setLevel(logging.ERROR)
+    configure(quiet=quiet, verbose=verbose)
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
@@ -103,6 +106,25 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     if args.csv:
         for path in write_csv(args.dest, args.dest, compress=args.gzip):
             print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _cmd_augment(args: argparse.Namespace) -> int:
+    from fmnist_dask.augment import augment
+    from fmnist_dask.config import load_job_spec
+    from fmnist_dask.dask_cluster import load_cluster_config, open_cluster
+
+    overrides = {f"augment.{key}": getattr(args, key) for key in (
+        "factor", "out", "seed", "csv", "shift", "rotate", "flip", "jitter", "noise")}
+    overrides |= {"augment.source.dir": args.source_dir, "cluster.config": args.cluster,
+                  "cluster.scheduler": args.scheduler}
+    spec = load_job_spec(args.job, overrides)
+    target = load_cluster_config(
+        Path(spec.cluster.config) if spec.cluster.config else None, spec.cluster.scheduler)
+    with open_cluster(target) as session:
+        logging.getLogger("fmnist_dask").info("Dask dashboard: %s", session.dashboard_link)
+        summary = augment(spec.augment.source, spec.augment, Path(spec.augment.out))
+    print(json.dumps({"out": spec.augment.out, "rows": summary["rows"]}))
     return EXIT_OK
 
 
@@ -148,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fmnist_dask.stages.clean import BadRowsError
     from fmnist_dask.stages.load import InputError
 
-    handlers = {"run": _cmd_run, "fetch": _cmd_fetch}
+    handlers = {"run": _cmd_run, "fetch": _cmd_fetch, "augment": _cmd_augment}
     handlers |= {"report": _cmd_report, "compare": _cmd_compare}
     try:
         return handlers[args.command](args)

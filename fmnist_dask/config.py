@@ -48,6 +48,44 @@ class DataSpec(_Strict):
         return value
 
 
+class AugmentSourceSpec(DataSpec):
+    """The data augmented: by default the official IDX files fetched into data/."""
+
+    format: Literal["csv", "parquet", "idx"] = "idx"
+    splits: dict[str, str | list[str]] = Field(
+        default_factory=lambda: {
+            "train": "train-images-idx3-ubyte.gz",
+            "test": "t10k-images-idx3-ubyte.gz",
+        }
+    )
+
+
+class AugmentSpec(_Strict):
+    """Augmented copies of a source dataset (``fmnist-dask augment`` and the job's stage).
+
+    When ``enabled`` in a job, the copies are written to ``out`` before the job loads its
+    data (reused when ``out`` already holds them with these settings); point ``data`` at
+    ``out`` (``format: parquet``, splits ``train: train``, ``test: test``).
+    """
+
+    enabled: bool = False
+    factor: int = Field(default=2, ge=1)
+    seed: int = 0
+    out: str = "data/fashion-mnist-augmented"
+    source: AugmentSourceSpec = AugmentSourceSpec()
+    shift: bool = True
+    max_shift: float = Field(default=2.0, ge=0, le=14)
+    rotate: bool = True
+    max_rotation: float = Field(default=10.0, ge=0, le=180)
+    flip: bool = True
+    jitter: bool = True
+    max_contrast: float = Field(default=0.2, ge=0, lt=1)
+    max_brightness: float = Field(default=20.0, ge=0, le=255)
+    noise: bool = True
+    noise_std: float = Field(default=8.0, ge=0)
+    csv: bool = False
+
+
 class CleanSpec(_Strict):
     """Validation and deduplication settings."""
 
@@ -136,6 +174,7 @@ class JobSpec(_Strict):
     name: str = "fashion-mnist"
     seed: int = 0
     output_dir: str = "outputs"
+    augment: AugmentSpec = AugmentSpec()
     data: DataSpec = DataSpec()
     clean: CleanSpec = CleanSpec()
     eda: EdaSpec = EdaSpec()

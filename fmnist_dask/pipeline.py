@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fmnist_dask import logs, progress
+from fmnist_dask.augment import augment
 from fmnist_dask.config import JobSpec
 from fmnist_dask.dask_cluster import load_cluster_config, open_cluster
 from fmnist_dask.rundir import default_run_name, open_run
@@ -30,13 +32,18 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
     )
     manifest = {"job": spec.model_dump(mode="json")}
     name = run_name or default_run_name(spec.name)
-    with open_run(Path(spec.output_dir), name, manifest) as run, open_cluster(target) as session:
+    with open_run(Path(spec.output_dir), name, manifest) as run, \
+            logs.run_log(run.dir / logs.RUN_LOG), open_cluster(target) as session, \
+            progress.watch(run, session.client):
         manifest["cluster"] = session.description
         manifest["dashboard_link"] = session.dashboard_link
         logger.info("Dask dashboard: %s", session.dashboard_link or "(none)")
         logger.info("run directory (while running): %s", run.dir)
         log = logger.info
 
+        if spec.augment.enabled:
+            with run.stage("augment", log) as record:
+                record.update(augment(spec.augment.source, spec.augment, Path(spec.augment.out)))
         with run.stage("load", log) as record:
             raw, pieces, files = load.load(spec.data)
             record.update(inputs=files, partitions=len(pieces))
