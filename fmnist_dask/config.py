@@ -174,6 +174,10 @@ class JobSpec(_Strict):
     name: str = "fashion-mnist"
     seed: int = 0
     output_dir: str = "outputs"
+    #: Keep the cleaned pixels (uint8) in worker memory when they take at most this many
+    #: bytes (and a quarter of the workers' memory); larger data streams from parquet, so
+    #: memory stays flat as the data grows.
+    persist_max_bytes: int = Field(default=1 << 30, ge=0)
     augment: AugmentSpec = AugmentSpec()
     data: DataSpec = DataSpec()
     clean: CleanSpec = CleanSpec()

@@ -59,8 +59,12 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
                               pixel_std=manifest["eda"]["pixel_std"])
 
         pixels = data.pixels
-        if pixels.nbytes <= PERSIST_SHARE * _worker_memory(session.description):
-            pixels = pixels.persist()  # read once; k-means and PCA pass over it many times
+        if data.raw_pixels.nbytes <= min(spec.persist_max_bytes,
+                                         PERSIST_SHARE * _worker_memory(session.description)):
+            # Read once and keep the uint8 pixels (a quarter of float32) in worker memory:
+            # k-means and PCA pass over them many times; each pass rescales block by block.
+            data.raw_pixels = data.raw_pixels.persist()
+            pixels = data.pixels
         results: list[cluster.ClusterResult] = []
         spaces = {"pixels": pixels}
         if spec.kmeans.enabled:

@@ -229,28 +229,41 @@ class CleanData:
 
     Attributes
     ----------
-    pixels : dask.array, shape (n_rows, 784), float32
-        Pixels scaled to [0, 1].
+    raw_pixels : dask.array, shape (n_rows, 784), uint8
+        Pixels as stored (a quarter of the float32 size: what to keep in memory).
     row_id : dask.array, shape (n_rows,), int64
     split : dask.array, shape (n_rows,), object (split names)
     label : dask.array, shape (n_rows,), int8
         Class ids (-1 when unlabelled); for evaluation only, never given to a model.
     """
 
-    pixels: da.Array
+    raw_pixels: da.Array
     row_id: da.Array
     split: da.Array
     label: da.Array
 
     @property
+    def pixels(self) -> da.Array:
+        """dask.array, shape (n_rows, 784), float32: pixels scaled to [0, 1]."""
+        return scale_pixels(self.raw_pixels)
+
+    @property
     def n_rows(self) -> int:
-        return int(self.pixels.shape[0])
+        return int(self.raw_pixels.shape[0])
 
 
 def _read_pixels(path: Path) -> np.ndarray:
     table = pq.read_table(path, columns=list(PIXEL_COLUMNS))
-    pixels = np.column_stack([col.to_numpy() for col in table.columns]).astype(np.float32)
-    return pixels / np.float32(255)
+    return np.column_stack([col.to_numpy() for col in table.columns]).astype(np.uint8)
+
+
+def _scale_block(block: np.ndarray) -> np.ndarray:
+    return block.astype(np.float32) / np.float32(255)
+
+
+def scale_pixels(raw: da.Array) -> da.Array:
+    """uint8 pixels (n, 784) to float32 in [0, 1], block by block (lazy)."""
+    return raw.map_blocks(_scale_block, dtype=np.float32)
 
 
 def _read_column(path: Path, name: str) -> np.ndarray:
@@ -273,7 +286,7 @@ def load_cleaned(run_dir: Path) -> CleanData:
         return da.concatenate(blocks, axis=0)
 
     return CleanData(
-        pixels=stack(_read_pixels, np.float32, width=len(PIXEL_COLUMNS)),
+        raw_pixels=stack(_read_pixels, np.uint8, width=len(PIXEL_COLUMNS)),
         row_id=stack(_read_column, np.int64, "row_id"),
         split=stack(_read_column, object, "split"),
         label=stack(_read_column, np.int8, "label"),
