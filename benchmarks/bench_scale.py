@@ -1,0 +1,136 @@
+"""Scale benchmark: the whole job at 1x, 4x, 16x (optionally 100x) the size of Fashion-MNIST.
+
+For each factor the official images are augmented ``factor`` times (parquet, generated on the
+workers, not timed as part of the job), then the default job runs on them as a real
+``fmnist-dask run`` process on a LocalCluster of 2 workers. A sampler adds up the resident
+memory of the whole process tree (client, scheduler, nannies, workers) every 0.2 s.
+
+Reproduce (from the repository root, after ``make install``)::
+
+    .venv/bin/python benchmarks/bench_scale.py --factors 1 4 16 --mirror ../shared/data/fashion-mnist
+
+Results: ``benchmarks/results/scale.json`` and a markdown table on stdout (copied into
+docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+SCALABLE = ("load", "clean", "eda", "kmeans_raw", "reduce", "kmeans_pca", "evaluate")
+
+
+def tree_rss(root: psutil.Process) -> int:
+    """Resident bytes of a process and all its descendants."""
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_measured(command: list[str], log: Path) -> tuple[int, float, int]:
+    """Run ``command``; return (exit code, wall seconds, peak tree RSS bytes)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            try:
+                peak = max(peak, tree_rss(root))
+            except psutil.Error:
+                pass
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = proc.wait()
+    stop.set()
+    sampler.join()
+    return code, time.perf_counter() - start, peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--mirror", default=str(REPO.parent / "shared/data/fashion-mnist"))
+    parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--results", default=str(REPO / "benchmarks/results/scale.json"))
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="fmnist-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "fmnist_dask.cli"]
+    rows = []
+    for factor in args.factors:
+        data = work / f"x{factor}"
+        job = work / f"x{factor}.yaml"
+        job.write_text(
+            "name: scale\n"
+            f"augment: {{factor: {factor}, seed: 0, out: {data}, source: {{dir: {args.mirror}}}}}\n"
+            f"data: {{format: parquet, dir: {data}, splits: {{train: train, test: test}}}}\n"
+            # Exact silhouette is O(n^2): benchmarked apart (bench_core); here the sampled one.
+            "scores: {silhouette: sampled, silhouette_sample_size: 10000}\n"
+        )
+        code, aug_seconds, aug_peak = run_measured([*cli, "augment", str(job)],
+                                                   work / f"augment-x{factor}.log")
+        if code:
+            raise SystemExit(f"augment x{factor} failed: see {work}/augment-x{factor}.log")
+        code, seconds, peak = run_measured(
+            [*cli, "run", str(job), "--out", str(work / "runs"), "--run-name", f"x{factor}"],
+            work / f"run-x{factor}.log")
+        if code:
+            raise SystemExit(f"run x{factor} failed (exit {code}): see {work}/run-x{factor}.log")
+        manifest = json.loads((work / "runs" / f"x{factor}" / "manifest.json").read_text())
+        n_rows = manifest["rows"]["total"]["read"]
+        stages = {k: v["seconds"] for k, v in manifest["stages"].items()}
+        metrics = pd.DataFrame(manifest["metrics"]).set_index("method")
+        row = {
+            "factor": factor, "rows": n_rows, "augment_seconds": round(aug_seconds, 1),
+            "augment_peak_gib": round(aug_peak / 2**30, 2), "job_seconds": round(seconds, 1),
+            "peak_rss_gib": round(peak / 2**30, 2),
+            "scalable_seconds": round(sum(stages.get(s, 0) for s in SCALABLE), 1),
+            "stages": stages,
+            "scores": metrics[["silhouette", "acc", "nmi", "ari"]].round(4).to_dict("index"),
+            "load_avg_1m": os.getloadavg()[0],
+        }
+        row["scalable_rows_per_second"] = round(n_rows / row["scalable_seconds"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(rows, indent=2) + "\n")
+    base = rows[0]
+    print("\n| factor | rows | job s | scalable stages s | rows/s | peak RSS GiB | peak / 1x |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['factor']}x | {r['rows']:,} | {r['job_seconds']} | {r['scalable_seconds']}"
+              f" | {r['scalable_rows_per_second']:,} | {r['peak_rss_gib']}"
+              f" | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f} |")
+    names = list(rows[-1]["stages"])
+    print("\n| stage | " + " | ".join(f"{r['factor']}x s" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for name in names:
+        print(f"| {name} | " + " | ".join(str(r["stages"].get(name, "")) for r in rows) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
