@@ -266,8 +266,7 @@ def _header(manifest: dict[str, Any], run_dir: Path) -> str:
     data = job.get("data", {})
     cluster = manifest.get("cluster", {})
     rows = manifest.get("rows", {}).get("total", {})
-    seconds = manifest.get("seconds") or sum(
-        s.get("seconds", 0) for s in manifest.get("stages", {}).values())
+    stage_seconds = sum(s.get("seconds", 0) for s in manifest.get("stages", {}).values())
     workers = cluster.get("workers") or []
     cluster_text = (f"{cluster.get('kind', '?')} at {cluster.get('address', '?')}: "
                     f"{cluster.get('n_workers', len(workers))} workers, "
@@ -278,7 +277,8 @@ def _header(manifest: dict[str, Any], run_dir: Path) -> str:
         ("Status", _status_text(manifest)),
         ("Started (UTC)", manifest.get("started_utc")),
         ("Finished (UTC)", manifest.get("finished_utc")),
-        ("Wall time", f"{seconds:,.1f} s" if seconds else None),
+        ("Wall time", f"{manifest['seconds']:,.1f} s" if manifest.get("seconds") else
+         f"{stage_seconds:,.1f} s in the stages so far" if stage_seconds else None),
         ("Job", f"{job.get('name', '?')}, seed {job.get('seed', '?')}"),
         ("Input", f"{data.get('format', '?')} files in {data.get('dir', '?')}"
                   + (f", first {limit:,} rows of each split" if limit else "")),
@@ -313,20 +313,19 @@ def _data_section(manifest: dict[str, Any], run_dir: Path) -> str:
         counts = eda.get("class_counts", {})
         classes = list(dict.fromkeys(c for split in counts.values() for c in split))
         grid = manifest.get("job", {}).get("eda", {}).get("sample_grid", 3)
-        parts.append('<div class="figs">' + "".join([
-            figure(run_dir, "eda/sample_images.png",
-                   f"{grid} by {grid} grid of randomly chosen cleaned images, each titled with "
-                   "its class name", "Random sample of the cleaned images."),
-            figure(run_dir, "eda/class_distribution.png",
-                   "Bar chart of images per class for each split; the same counts are in the "
-                   "table 'Images per class'", "Images per class and split."),
-        ]) + "</div>")
-        if counts:
-            parts.append(table(
-                ["class", *counts, "all"],
-                [[c, *(_num(counts[s].get(c, 0)) for s in counts),
-                  _num(sum(counts[s].get(c, 0) for s in counts))] for c in classes],
-                caption="Images per class"))
+        class_table = table(
+            ["class", *counts, "all"],
+            [[c, *(_num(counts[s].get(c, 0)) for s in counts),
+              _num(sum(counts[s].get(c, 0) for s in counts))] for c in classes],
+            caption="Images per class") if counts else ""
+        parts.append('<div class="figs">' + figure(
+            run_dir, "eda/sample_images.png",
+            f"{grid} by {grid} grid of randomly chosen cleaned images, each titled with its "
+            "class name", "Random sample of the cleaned images.") + class_table + "</div>")
+        parts.append(figure(
+            run_dir, "eda/class_distribution.png",
+            "Bar chart of images per class for each split, the second split hatched; the same "
+            "counts are in the table 'Images per class'", "Images per class and split."))
         parts.append(figure(
             run_dir, "eda/pixel_histogram.png",
             f"Histogram of scaled pixel values on a log scale: most pixels are background "
@@ -383,14 +382,14 @@ def _method_scores(row: pd.Series) -> list[list[Any]]:
     rows = []
     silhouette = row.get("silhouette")
     if silhouette is not None and not pd.isna(silhouette):
-        how = row.get("silhouette_method") or ""
-        detail = f" ({how}"
+        how = row.get("silhouette_method")
+        detail = [how] if isinstance(how, str) and how else []
         if how == "sampled":
-            detail += (f", {_num(row.get('silhouette_sample_size'))} rows, 95% CI "
-                       f"{_num(row.get('silhouette_ci_low'))} to "
-                       f"{_num(row.get('silhouette_ci_high'))}")
-        detail += f", on {row.get('features')})"
-        rows.append(["silhouette", _num(silhouette) + detail])
+            detail.append(f"{_num(row.get('silhouette_sample_size'))} rows, 95% CI "
+                          f"{_num(row.get('silhouette_ci_low'))} to "
+                          f"{_num(row.get('silhouette_ci_high'))}")
+        detail.append(f"on {row.get('features')}")
+        rows.append(["silhouette", f"{_num(silhouette)} ({', '.join(detail)})"])
     labels = {"acc": "ACC (Hungarian)", "nmi": "NMI", "ari": "ARI", "inertia": "inertia",
               "log_likelihood": "mean log-likelihood", "bic": "BIC", "n_iter": "iterations",
               "converged": "converged", "sample_size": "fitted on rows",

@@ -1,0 +1,253 @@
+"""report.html and ``fmnist-dask compare`` on real runs, checked in a real headless Chromium.
+
+Two real runs of the CLI on a small subset of the real data: run A is the whole job, run B
+another seed with only the two k-means methods (so the report and the comparison also meet
+missing sections and methods).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fmnist_dask.compare import compare_runs
+from fmnist_dask.stages.report import SCORES, rank_methods, render_report, verdict
+from tests.browser import find_chromium, load_page
+from tests.test_cli import CLI, REPO, _subset, cli
+
+ALL_METHODS = ["kmeans_raw", "kmeans_pca", "gmm", "spectral"]
+KMEANS_ONLY = ["kmeans_raw", "kmeans_pca"]
+SECTIONS = ["data", "pca", "methods", "comparison", "time"]
+
+#: Evaluated in the page after the load event: what a reader would see.
+PAGE_FACTS = """(async () => {
+  const images = [...document.images];
+  await Promise.all(images.map(i => i.decode().catch(() => null)));
+  const ok = i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0;
+  return {
+    images: images.map(i => i.dataset.file),
+    notDecoded: images.filter(i => !ok(i)).map(i => i.dataset.file),
+    withoutAlt: images.filter(i => !(i.alt || '').trim()).map(i => i.dataset.file),
+    outsidePage: images.filter(i => !i.src.startsWith('data:image/png;base64,')).length,
+    thWithoutScope: [...document.querySelectorAll('th')].filter(t => !t.scope).length,
+    sections: [...document.querySelectorAll('main > section')].map(s => s.id),
+    comparison: [...document.querySelectorAll('#comparison-table tbody tr')].map(
+      r => [...r.cells].map(c => c.textContent.trim())),
+    comparisonHeaders: [...document.querySelectorAll('#comparison-table thead th')].map(
+      c => c.textContent.trim()),
+    verdict: (document.querySelector('#verdict') || {}).textContent || null,
+    stageRows: [...document.querySelectorAll('#time tbody tr th')].map(t => t.textContent),
+    missing: [...document.querySelectorAll('.missing')].map(p => p.textContent),
+    performanceReport: (document.querySelector('#performance-report') || {}).href || null,
+    widestPx: Math.max(...[...document.querySelectorAll('main *')].map(
+      e => e.getBoundingClientRect().right)),
+  };
+})()"""
+#: Under print media: the contents box is hidden and every section starts a page.
+PRINT_FACTS = """({toc: getComputedStyle(document.querySelector('nav.toc')).display,
+  breaks: [...document.querySelectorAll('main > section h2')].map(
+    h => getComputedStyle(h).breakBefore)})"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium, installed by apt-get when missing (as root, e.g. in CI)."""
+    found = find_chromium(install=True)
+    if found is None:
+        pytest.fail("chromium is missing and could not be installed (needs root and apt-get)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, real_arrays) -> dict[str, Path]:
+    """Two real runs of ``fmnist-dask run`` on 1,000 train + 200 test rows."""
+    root = tmp_path_factory.mktemp("report")
+    data = _subset(root, real_arrays, n_train=1000, n_test=200)
+    out = root / "outputs"
+    job_a = root / "a.yaml"
+    job_a.write_text("name: report-test\nsample:\n  size: 600\n")
+    job_b = root / "b.yaml"
+    job_b.write_text("name: report-test\neda: {enabled: false}\ngmm: {enabled: false}\n"
+                     "spectral: {enabled: false}\ntsne: {enabled: false}\n")
+    # Both at once: much of a small run is start-up (imports, the local cluster).
+    started = {}
+    for name, job, seed in (("a", job_a, "1"), ("b", job_b, "2")):
+        started[name] = subprocess.Popen(
+            [*CLI, "run", str(job), "--data", str(data), "--out", str(out), "--run-name",
+             f"seed{seed}", "--seed", seed, "--quiet"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    made = {}
+    for (name, process), seed in zip(started.items(), ("1", "2"), strict=True):
+        stdout, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+        made[name] = out / f"seed{seed}"
+        assert stdout.strip().endswith(str(made[name]))
+    return made
+
+
+def test_the_job_writes_a_report_that_loads_cleanly_in_chromium(runs, chromium):
+    run = runs["a"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["report"]["status"] == "done"
+    assert manifest["stages"]["report"]["file"] == "report.html"
+    screenshot = run / "report-screenshot.png"
+    page = load_page(run / "report.html", PAGE_FACTS, screenshot=screenshot,
+                     print_expression=PRINT_FACTS)
+    facts = page.result
+
+    assert page.errors == []
+    pngs = sorted(str(p.relative_to(run)) for p in run.rglob("*.png")
+                  if p.name != screenshot.name)
+    assert sorted(facts["images"]) == pngs  # every figure of the run, none twice
+    assert len(pngs) >= 21  # 3 data, 2 PCA, 10 cluster, 5 t-SNE, 1 comparison
+    assert facts["notDecoded"] == [] and facts["withoutAlt"] == []
+    assert facts["outsidePage"] == 0  # embedded: the file stands alone
+    assert facts["thWithoutScope"] == 0
+    assert facts["sections"] == SECTIONS
+    assert facts["missing"] == []
+    assert facts["widestPx"] <= 1280  # nothing wider than a laptop screen
+
+    # The comparison table: every method, best first by NMI, numbers equal metrics.parquet.
+    metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")
+    table = facts["comparison"]
+    assert sorted(row[1] for row in table) == sorted(ALL_METHODS)
+    headers = facts["comparisonHeaders"]
+    assert headers[:3] == ["rank", "method", "features"] and "NMI ▼" in headers
+    nmi_column = headers.index("NMI ▼")
+    assert [row[1] for row in table] == list(metrics["nmi"].sort_values(ascending=False).index)
+    for row in table:
+        assert float(row[nmi_column]) == pytest.approx(metrics.loc[row[1], "nmi"], abs=5e-5)
+    best = metrics["nmi"].idxmax()
+    assert facts["verdict"].startswith(f"By NMI, {best} worked best "
+                                       f"({metrics.loc[best, 'nmi']:.3f})")
+    stages = [s for s in manifest["stages"] if manifest["stages"][s].get("seconds") is not None
+              and s != "report"]
+    assert facts["stageRows"][:len(stages)] == stages
+
+    # The Dask performance report is linked (relatively) exactly when the run saved one.
+    perf = run / "performance-report.html"
+    if perf.exists():
+        assert facts["performanceReport"] == perf.as_uri()
+    else:
+        assert facts["performanceReport"] is None
+
+    assert page.print_result["toc"] == "none"
+    assert page.print_result["breaks"][1:] == ["page"] * (len(SECTIONS) - 1)
+    assert page.pdf_bytes > 100_000
+    assert screenshot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_command_regenerates_the_page_from_the_run_directory(runs, chromium, tmp_path):
+    # A copy of the run: the page must come from its files alone, wherever it lives.
+    run = shutil.copytree(runs["a"], tmp_path / "copied-run")
+    (run / "report.html").unlink()
+    result = cli("report", str(run), "--sort-by", "ari")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(run / "report.html")
+    page = load_page(run / "report.html", PAGE_FACTS)
+    assert page.errors == []
+    assert page.result["notDecoded"] == [] and len(page.result["images"]) == 21
+    metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")
+    assert [r[1] for r in page.result["comparison"]] == list(
+        metrics["ari"].sort_values(ascending=False).index)
+    assert page.result["verdict"].startswith(f"By ARI, {metrics['ari'].idxmax()} worked best")
+    # Regenerated after the run: it now also times the job's own report stage.
+    assert "report" in page.result["stageRows"]
+    assert "succeeded" in (run / "report.html").read_text()
+
+    missing = cli("report", str(tmp_path / "no-such-run"))
+    assert missing.returncode == 3 and "manifest.json" in missing.stderr
+
+
+def test_a_report_with_methods_and_figures_missing_still_loads_cleanly(runs, chromium):
+    run = runs["b"]
+    page = load_page(run / "report.html", PAGE_FACTS)
+    assert page.errors == []
+    assert page.result["notDecoded"] == []
+    assert [r[1] for r in page.result["comparison"]] == list(
+        pd.read_parquet(run / "metrics.parquet").sort_values("nmi", ascending=False)["method"])
+    assert sorted(r[1] for r in page.result["comparison"]) == sorted(KMEANS_ONLY)
+    missing = " ".join(page.result["missing"])
+    assert "exploration stage did not run" in missing
+    assert "embedding/tsne_kmeans_raw.png" in missing  # no t-SNE in this run: said, not broken
+
+
+def _printed_scores(stdout: str, title: str) -> dict[str, list[str]]:
+    """The rows of one score's block in ``compare``'s output: method -> cells."""
+    after_title = stdout.split(title, 1)[1].split("\n", 1)[1]
+    lines = after_title.split("\n\n", 1)[0].splitlines()
+    assert lines[0].split()[0] == "method" and not lines[1].replace("-", "").strip()
+    return {line.split()[0]: line.split()[1:] for line in lines[2:]}
+
+
+def test_compare_prints_both_runs_scores_as_written_in_metrics(runs, tmp_path):
+    a, b = runs["a"], runs["b"]
+    md, page = tmp_path / "cmp.md", tmp_path / "cmp.html"
+    result = cli("compare", str(a), str(b), "--out", str(md), "--out", str(page))
+    assert result.returncode == 0, result.stderr
+    metrics = {run.name: pd.read_parquet(run / "metrics.parquet").set_index("method")
+               for run in (a, b)}
+    for score in ("nmi", "ari", "acc", "silhouette"):
+        title = f"{SCORES[score][0]}, higher is better"
+        rows = _printed_scores(result.stdout, title)
+        assert sorted(rows) == sorted(ALL_METHODS)
+        for method, cells in rows.items():
+            for column, run in enumerate((a, b)):
+                if method in metrics[run.name].index:
+                    assert float(cells[column]) == pytest.approx(
+                        metrics[run.name].loc[method, score], abs=5e-5)
+                else:
+                    assert cells[column] == "–"
+            if method in KMEANS_ONLY:  # change = run B − run A
+                expected = metrics[b.name].loc[method, score] - metrics[a.name].loc[method, score]
+                assert float(cells[3]) == pytest.approx(expected, abs=1.5e-4)
+    # Ordered by mean NMI over the runs that have the method.
+    nmi = pd.concat([m["nmi"] for m in metrics.values()], axis=1).mean(axis=1)
+    assert list(_printed_scores(result.stdout, "NMI, higher")) == list(
+        nmi.sort_values(ascending=False).index)
+    assert re.search(rf"By mean NMI over 2 runs, {nmi.idxmax()} worked best", result.stdout)
+
+    text = md.read_text()
+    for method in ALL_METHODS:
+        assert f"| {method} |" in text
+    assert f"{metrics[a.name].loc['kmeans_pca', 'nmi']:.4f}" in text
+    assert "<th scope=\"col\"" in page.read_text() and "seed1" in page.read_text()
+
+
+def test_compare_refuses_a_directory_that_is_not_a_run(runs, tmp_path):
+    result = cli("compare", str(runs["a"]), str(tmp_path))
+    assert result.returncode == 3
+    assert "not a run directory" in result.stderr
+    bad_out = cli("compare", str(runs["a"]), "--out", str(tmp_path / "x.txt"))
+    assert bad_out.returncode == 2 and "must end in .md or .html" in bad_out.stderr
+
+
+def test_verdict_names_the_best_method_and_warns_when_the_lead_is_small():
+    metrics = pd.DataFrame({"method": ["a", "b", "c"], "nmi": [0.50, 0.62, 0.615]})
+    ranked = rank_methods(metrics, "nmi")
+    assert list(ranked["method"]) == ["b", "c", "a"]
+    said = verdict(ranked, "nmi")
+    assert said.startswith("By NMI, b worked best (0.620), ahead of c (0.615) by 0.005; "
+                           "a came last (0.500).")
+    assert "under 0.01" in said
+    clear = verdict(rank_methods(metrics.assign(nmi=[0.5, 0.7, 0.6]), "nmi"), "nmi")
+    assert "under 0.01" not in clear and "ahead of c (0.600) by 0.100" in clear
+
+
+def test_unlabelled_runs_are_ranked_by_silhouette(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_name": "x", "status": "failed"}))
+    pd.DataFrame({"method": ["a", "b"], "n_clusters": [3, 3], "features": ["pca", "pca"],
+                  "silhouette": [0.2, 0.3], "nmi": [float("nan")] * 2}).to_parquet(
+        tmp_path / "metrics.parquet")
+    page = render_report(tmp_path)
+    assert "By silhouette, b worked best (0.300)" in page
+    assert "NMI is not available in this run" in page
+    assert 'class="missing">Figure not produced in this run: <code>clusters/a_samples.png' in page
+    comparison = compare_runs([tmp_path])
+    assert comparison.score == "silhouette" and comparison.methods == ["b", "a"]
