@@ -8,6 +8,7 @@ missing sections and methods).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -60,7 +61,10 @@ def chromium() -> str:
     """Debian's chromium, installed by apt-get when missing (as root, e.g. in CI)."""
     found = find_chromium(install=True)
     if found is None:
-        pytest.fail("chromium is missing and could not be installed (needs root and apt-get)")
+        message = "chromium is missing and could not be installed (needs root and apt-get)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
     return found
 
 
