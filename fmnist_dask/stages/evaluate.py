@@ -77,6 +77,7 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
         plots.contingency_heatmap(table, LABEL_NAMES, names,
                                   cluster_dir / f"{result.method}_contingency.png",
                                   f"{result.method}: classes in each cluster")
+    result.cluster_names = names
     images, labels = _sample_images(data.pixels, result.labels, result.n_clusters,
                                      spec.images_per_cluster, seed)
     plots.cluster_samples(images, labels, result.n_clusters, spec.images_per_cluster,
@@ -109,7 +110,7 @@ def tsne_figures(coordinates: np.ndarray, indices: np.ndarray, results: list[Clu
                           take_rows(data.label, indices))
     paths = []
     for result, clusters in zip(results, labels[:-1], strict=True):
-        names = [f"cluster {k}" for k in range(result.n_clusters)]
+        names = result.cluster_names or [f"cluster {k}" for k in range(result.n_clusters)]
         paths.append(plots.scatter_by_group(
             coordinates, clusters, names, embed_dir / f"tsne_{result.method}.png",
             f"t-SNE of {len(indices):,} rows coloured by {result.method} clusters"))
