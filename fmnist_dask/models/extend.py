@@ -19,6 +19,8 @@ from sklearn.base import BaseEstimator
 from sklearn.neighbors import KDTree
 from sklearn.utils import check_array
 
+from fmnist_dask._blocks import as_row_chunked
+
 
 @dataclass(frozen=True)
 class _FittedIndex:
@@ -167,14 +169,14 @@ class KNeighborsExtension(BaseEstimator):
         """
         if not hasattr(self, "_index"):
             raise AttributeError("KNeighborsExtension is not fitted; call fit first")
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
         if not isinstance(X, da.Array):
-            return _label_block(np.asarray(X), self._index)
-        if any(np.isnan(c) for c in X.chunks[0]):
-            raise ValueError("row chunk sizes are unknown; call X.compute_chunk_sizes() first")
-        if X.numblocks[1] != 1:
-            X = X.rechunk({1: -1})  # the vote needs whole rows
+            X = check_array(X, dtype=np.float64)
+            if X.shape[1] != self.n_features_in_:
+                raise ValueError(f"X must have {self.n_features_in_} columns, got {X.shape}")
+            return _label_block(X, self._index)
+        X = as_row_chunked(X)  # the vote needs whole rows and known row offsets
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X must have {self.n_features_in_} columns, got {X.shape}")
         index = dask.delayed(self._index, name=self._key, pure=True)
         return da.map_blocks(
             _label_block, X, index=index, drop_axis=1, dtype=self.classes_.dtype,

@@ -16,6 +16,8 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
+from fmnist_dask._blocks import as_row_chunked
+
 
 def fit_gmm(
     sample: np.ndarray,
@@ -80,17 +82,6 @@ def gmm_summary(gmm: GaussianMixture, sample: np.ndarray) -> dict[str, float | i
     }
 
 
-def _delayed_model(gmm: GaussianMixture) -> Any:
-    """The fitted mixture as one graph key, so it is sent once per worker."""
-    return dask.delayed(gmm, pure=True)
-
-
-def _check_rows(X: da.Array, gmm: GaussianMixture) -> da.Array:
-    if X.ndim != 2 or X.shape[1] != gmm.n_features_in_:
-        raise ValueError(f"X must have shape (n, {gmm.n_features_in_}), got {X.shape}")
-    return X.rechunk({1: -1}) if X.numblocks[1] != 1 else X
-
-
 def _predict_block(block: np.ndarray, gmm: GaussianMixture) -> np.ndarray:
     with threadpool_limits(limits=1, user_api="blas"):
         return gmm.predict(block).astype(np.int32)
@@ -100,6 +91,18 @@ def _score_samples_block(block: np.ndarray, gmm: GaussianMixture) -> np.ndarray:
     # float64 whatever the input: the mean over millions of rows is summed in this type.
     with threadpool_limits(limits=1, user_api="blas"):
         return gmm.score_samples(block).astype(np.float64)
+
+
+def _per_row(kernel: Any, gmm: GaussianMixture, X: da.Array, dtype: Any) -> da.Array:
+    """One value per row of ``X`` from ``kernel(block, gmm)``, block by block."""
+    X = as_row_chunked(X)
+    if X.shape[1] != gmm.n_features_in_:
+        raise ValueError(f"X must have shape (n, {gmm.n_features_in_}), got {X.shape}")
+    # The fitted mixture as one graph key, so it is sent once per worker.
+    model = dask.delayed(gmm, pure=True)
+    return da.map_blocks(
+        kernel, X, gmm=model, drop_axis=1, dtype=dtype, meta=np.empty((0,), dtype=dtype)
+    )
 
 
 def predict_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:
@@ -117,11 +120,7 @@ def predict_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:
     dask.array.Array of shape (n_rows,), int32
         Component of each row; lazy, chunked like the rows of ``X``.
     """
-    X = _check_rows(X, gmm)
-    return da.map_blocks(
-        _predict_block, X, gmm=_delayed_model(gmm), drop_axis=1, dtype=np.int32,
-        meta=np.empty((0,), dtype=np.int32),
-    )
+    return _per_row(_predict_block, gmm, X, np.int32)
 
 
 def score_samples_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:
@@ -139,11 +138,7 @@ def score_samples_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:
     dask.array.Array of shape (n_rows,), float64
         ``log p(x)`` of each row in nats; lazy.
     """
-    X = _check_rows(X, gmm)
-    return da.map_blocks(
-        _score_samples_block, X, gmm=_delayed_model(gmm), drop_axis=1, dtype=np.float64,
-        meta=np.empty((0,), dtype=np.float64),
-    )
+    return _per_row(_score_samples_block, gmm, X, np.float64)
 
 
 def score_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:

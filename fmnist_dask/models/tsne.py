@@ -21,29 +21,36 @@ from sklearn.base import BaseEstimator
 from sklearn.manifold import trustworthiness
 from sklearn.utils import check_array, check_random_state
 
+from fmnist_dask._blocks import as_row_chunked
+
 
 def _slim_reference(embedding: object) -> object:
     """A copy of an openTSNE embedding with only what ``transform`` needs.
 
-    ``transform`` queries the k-NN index for new points' affinities and optimises them against
-    the reference positions; the sample's own affinity matrix ``P`` and its neighbour lists are
-    the bulk of the pickle (hundreds of MB at 70,000 rows) and unused there.
+    ``transform`` queries the k-NN index for the new points' affinities and optimises them
+    against the reference positions. The sample's own affinity matrix ``P`` and neighbour
+    lists, the bulk of the pickle at 70,000 rows, are not used there and are dropped. The
+    copy is built attribute by attribute (the list openTSNE's ``__reduce__`` keeps) because
+    the constructor insists on ``P``; it owns its array, so ``transform`` centring it in
+    place leaves the original alone.
     """
     import openTSNE
+    from openTSNE.tsne import gradient_descent
 
     affinities = copy.copy(embedding.affinities)
     affinities.P = None
-    for name in ("_PerplexityBasedNN__neighbors", "_PerplexityBasedNN__distances"):
-        if hasattr(affinities, name):
+    # The neighbour lists are private (name-mangled) attributes of the affinity class in use
+    # (PerplexityBasedNN, MultiscaleMixture...).
+    for name in list(vars(affinities)):
+        if name.endswith(("__neighbors", "__distances")):
             setattr(affinities, name, None)
-    # The constructor checks the shape of P, so build with the full affinities, then swap.
-    slim = openTSNE.TSNEEmbedding(
-        np.array(embedding, dtype=np.float64),
-        embedding.affinities,
-        random_state=embedding.random_state,
-        **embedding.gradient_descent_params,
-    )
+    slim = np.array(embedding, dtype=np.float64, order="C").view(openTSNE.TSNEEmbedding)
     slim.affinities = affinities
+    slim.gradient_descent_params = dict(embedding.gradient_descent_params)
+    slim.random_state = embedding.random_state
+    slim.optimizer = gradient_descent()
+    slim.kl_divergence = embedding.kl_divergence
+    slim.interp_coeffs = slim.box_x_lower_bounds = slim.box_y_lower_bounds = None
     return slim
 
 
@@ -94,14 +101,17 @@ class TSNEEmbedding(BaseEstimator):
         Effective number of neighbours (as scikit-learn's default).
     early_exaggeration_iter : int, default=250
         Iterations with exaggerated attraction (as scikit-learn).
-    n_iter : int, default=750
-        Iterations after the exaggeration phase; 250 + 750 matches scikit-learn's 1,000.
+    n_iter : int, default=500
+        Iterations after the exaggeration phase (openTSNE's default; scikit-learn runs 750).
+        On the 70,000 Fashion-MNIST rows, 500 and 750 gave the same trustworthiness
+        (0.99629 and 0.99628 on 5,000 points) and 500 took two thirds of the time.
     learning_rate : float or "auto", default="auto"
         ``"auto"`` is ``n / 12`` (the same step as scikit-learn's ``"auto"``, whose gradient
         carries an extra factor 4).
-    neighbors : str, default="annoy"
-        openTSNE's k-NN method for the ``3 * perplexity`` input neighbours (``"annoy"``
-        approximate and fast, ``"exact"`` a kd-tree).
+    neighbors : str, default="exact"
+        openTSNE's k-NN method for the ``3 * perplexity`` input neighbours: ``"exact"`` is a
+        scikit-learn kd-tree (as scikit-learn's TSNE), on 10 components both faster than
+        ``"annoy"`` (13 s against 48 s of CPU at 70,000 rows) and far smaller to pickle.
     negative_gradient_method : str, default="auto"
         ``"fft"``: FFT-accelerated interpolation (linear in ``n``); ``"bh"``: Barnes-Hut;
         ``"auto"`` (openTSNE's rule): FFT from 10,000 points, Barnes-Hut below, where the
@@ -124,7 +134,8 @@ class TSNEEmbedding(BaseEstimator):
     kl_divergence_ : float
         Final Kullback-Leibler divergence of the fit.
     reference_ : openTSNE.TSNEEmbedding
-        The openTSNE embedding object (used by :meth:`transform`).
+        The openTSNE embedding with its k-NN index, without the sample's affinity matrix
+        (what :meth:`transform` needs; about 5 MB at 70,000 rows).
     n_features_in_ : int
         Features of the fitted sample.
     """
@@ -135,9 +146,9 @@ class TSNEEmbedding(BaseEstimator):
         *,
         perplexity: float = 30.0,
         early_exaggeration_iter: int = 250,
-        n_iter: int = 750,
+        n_iter: int = 500,
         learning_rate: float | str = "auto",
-        neighbors: str = "annoy",
+        neighbors: str = "exact",
         negative_gradient_method: str = "auto",
         initialization: str = "pca",
         transform_perplexity: float = 5.0,
@@ -176,7 +187,6 @@ class TSNEEmbedding(BaseEstimator):
         import openTSNE
 
         X = check_array(X, dtype=np.float64, ensure_min_samples=2)
-        seed = check_random_state(self.random_state).randint(np.iinfo(np.int32).max)
         tsne = openTSNE.TSNE(
             n_components=self.n_components,
             perplexity=self.perplexity,
@@ -187,12 +197,13 @@ class TSNEEmbedding(BaseEstimator):
             negative_gradient_method=self.negative_gradient_method,
             initialization=self.initialization,
             n_jobs=self.n_jobs,
-            random_state=int(seed),
+            random_state=self.random_state,  # openTSNE takes an int or a RandomState
         )
         reference = tsne.fit(X)
         # Centre now, as transform would in place, so fitted and transformed coordinates agree.
         reference -= (np.max(reference, axis=0) + np.min(reference, axis=0)) / 2
-        self.reference_ = reference
+        # Keep only what transform needs: the estimator stays small to pickle and ship.
+        self.reference_ = _slim_reference(reference)
         self.embedding_ = np.array(reference, dtype=np.float64)
         self.kl_divergence_ = float(reference.kl_divergence)
         self.n_features_in_ = X.shape[1]
@@ -244,10 +255,9 @@ class TSNEEmbedding(BaseEstimator):
             index and ``transform_n_iter`` gradient steps of its new rows against the
             reference (the reference's interpolation grid is rebuilt per block).
         """
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
-        if any(np.isnan(c) for c in X.chunks[0]):
-            raise ValueError("row chunk sizes are unknown; call X.compute_chunk_sizes() first")
+        X = as_row_chunked(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X must have {self.n_features_in_} columns, got {X.shape}")
         embedding = None
         if sample_indices is not None:
             sample_indices = np.asarray(sample_indices, dtype=np.int64)
@@ -256,8 +266,6 @@ class TSNEEmbedding(BaseEstimator):
             if np.any(np.diff(sample_indices) <= 0):
                 raise ValueError("sample_indices must be sorted and unique")
             embedding = dask.delayed(self.embedding_, name=f"{self._key}-points", pure=True)
-        if X.numblocks[1] != 1:
-            X = X.rechunk({1: -1})
         reference = dask.delayed(
             _Reference(_slim_reference(self.reference_)), name=self._key, pure=True
         )
