@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin
@@ -27,13 +28,40 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_array, check_random_state
 
-from fmnist_dask.models.extend import KNeighborsExtension
-from fmnist_dask.models.features import PatchDictionaryFeatures
+from fmnist_dask.models.extend import KNeighborsExtension, _label_block
+from fmnist_dask.models.features import PatchDictionaryFeatures, _encode_block
 
 
 def _project_block(block: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
     """PCA projection of one block of features."""
     return (np.asarray(block, dtype=np.float32) - mean) @ components.T
+
+
+def _predict_block(
+    block: np.ndarray,
+    feature_params: dict,
+    mean: np.ndarray,
+    components: np.ndarray,
+    index: Any,
+    block_info: dict | None = None,
+) -> np.ndarray:
+    """Clusters of one block of images; features are computed only for rows outside the sample.
+
+    Sample rows are recognised by position (``index.sample_indices``) and get their fitted
+    label from ``_label_block``, which never looks at their coordinates: their zero
+    placeholder saves the feature map, the costly step, when the sample is most of the data.
+    """
+    todo = np.ones(block.shape[0], dtype=bool)
+    if index.sample_indices is not None:
+        start = block_info[0]["array-location"][0][0] if block_info else 0
+        positions = start + np.arange(block.shape[0], dtype=np.int64)
+        where = np.minimum(np.searchsorted(index.sample_indices, positions),
+                           index.sample_indices.size - 1)
+        todo = index.sample_indices[where] != positions
+    Z = np.zeros((block.shape[0], components.shape[0]), dtype=np.float32)
+    if todo.any():
+        Z[todo] = _project_block(_encode_block(block[todo], **feature_params), mean, components)
+    return _label_block(Z, index, block_info)
 
 
 class ManifoldClustering(ClusterMixin, BaseEstimator):
@@ -204,4 +232,25 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
         numpy.ndarray or dask.array.Array of shape (n_rows,), int64
             Cluster indices in ``range(n_clusters)``; lazy for a dask input.
         """
-        return self.extension_.predict(self.transform_pca(X))
+        if not hasattr(self, "extension_"):
+            raise AttributeError("ManifoldClustering is not fitted; call fit first")
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
+        args = (
+            self.features_._kernel_params(),
+            self.pca_.mean_.astype(np.float32),
+            self.pca_.components_.astype(np.float32),
+        )
+        index = self.extension_._index
+        if not isinstance(X, da.Array):
+            return _predict_block(np.asarray(X), *args, index)
+        if any(np.isnan(c) for c in X.chunks[0]):
+            raise ValueError("row chunk sizes are unknown; call X.compute_chunk_sizes() first")
+        if X.numblocks[1] != 1:
+            X = X.rechunk({1: -1})  # an image needs all its pixels
+        # The k-d tree travels once per worker under one key, as in KNeighborsExtension.
+        index = dask.delayed(index, name=self.extension_._key, pure=True)
+        return da.map_blocks(
+            _predict_block, X, *args, index=index, drop_axis=1, dtype=np.int64,
+            meta=np.empty((0,), dtype=np.int64),
+        )
