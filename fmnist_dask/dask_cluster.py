@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import logging
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -562,6 +563,112 @@ def check_worker_environments(client: Any, timeout: float = 60.0) -> dict[str, s
 
 
 # ---------------------------------------------------------------------------------------------
+# Watching the cluster while the job runs
+# ---------------------------------------------------------------------------------------------
+
+
+class ClusterWatchdog:
+    """Follows the scheduler and its workers from a background thread while the job runs.
+
+    Every ``interval`` seconds it asks the scheduler who its workers are, and logs a warning
+    when a worker leaves (Dask then recomputes the results it held on the others). It gives
+    up on the cluster -- cutting the client's connection, so that the job's running
+    computation fails at once instead of waiting forever -- when
+
+    - the scheduler does not answer for ``timeout`` seconds (frozen, or a network partition
+      that TCP has not noticed), or
+    - no worker has been connected for ``workers_timeout`` seconds.
+
+    A scheduler that closes the connection (crashed, killed) is noticed by the client itself.
+    ``lost`` then says why, for :class:`ClusterError`.
+    """
+
+    def __init__(self, client: Any, label: str, timeout: float, workers_timeout: float,
+                 interval: float = 1.0) -> None:
+        self.client = client
+        self.label = label
+        self.timeout = timeout
+        self.workers_timeout = workers_timeout
+        self.interval = interval
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fmnist-dask-watchdog",
+                                        daemon=True)
+
+    def start(self) -> ClusterWatchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 1)
+
+    def _ask(self) -> dict[str, str]:
+        info = self.client.sync(self.client.scheduler.identity, n_workers=-1,
+                                callback_timeout=self.timeout)
+        return {addr: str(w.get("name", addr)) for addr, w in info.get("workers", {}).items()}
+
+    def _run(self) -> None:
+        known: dict[str, str] | None = None
+        empty_since: float | None = None
+        while not self._stop.wait(self.interval):
+            if self.client.status != "running":
+                if self.client.status in ("closing", "closed"):
+                    return
+                continue  # reconnecting: the client decides within its own timeout
+            try:
+                workers = self._ask()
+            except TimeoutError:
+                if not self._stop.is_set() and self.client.status == "running":
+                    self._give_up(f"the scheduler at {self.label} did not answer for "
+                                  f"{self.timeout:g} s")
+                return
+            except Exception as exc:  # connection errors: the client notices them too
+                logger.debug("watchdog: %s: %s", type(exc).__name__, exc)
+                continue
+            if known is not None:
+                for addr in sorted(known.keys() - workers.keys()):
+                    logger.warning("worker %s (%s) left the cluster; %d worker(s) remain; "
+                                   "Dask recomputes the results it held", addr, known[addr],
+                                   len(workers))
+                for addr in sorted(workers.keys() - known.keys()):
+                    logger.info("worker %s (%s) joined the cluster; %d worker(s)", addr,
+                                workers[addr], len(workers))
+            known = workers
+            if workers:
+                empty_since = None
+            elif empty_since is None:
+                empty_since = time.monotonic()
+            elif time.monotonic() - empty_since > self.workers_timeout:
+                self._give_up(f"no worker has been connected to {self.label} for "
+                              f"{self.workers_timeout:g} s")
+                return
+
+    def _give_up(self, reason: str) -> None:
+        self.lost = reason
+        logger.error("%s: stopping the job", reason)
+
+        def cut() -> None:  # on the client's event loop; the client then cancels its futures
+            comm = self.client.scheduler_comm
+            if comm is not None:
+                comm.abort()
+
+        self.client.loop.add_callback(cut)
+
+
+def _lost_connection(client: Any, error: BaseException, label: str,
+                     watchdog: ClusterWatchdog | None) -> str | None:
+    """Why ``error`` means the cluster went away, or None when it is an ordinary error."""
+    if watchdog is not None and watchdog.lost:
+        return watchdog.lost
+    reason = getattr(error, "reason", None)
+    if reason == "scheduler-connection-lost" or client.status in ("connecting", "closing",
+                                                                  "closed"):
+        return f"lost the connection to the scheduler at {label} while the job was running"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Opening a cluster
 # ---------------------------------------------------------------------------------------------
 
@@ -756,10 +863,14 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
     ClusterError
         The scheduler cannot be reached or refuses us within ``connect_timeout``, fewer than
         ``min_workers`` workers join within ``workers_timeout``, or the workers' environment
-        does not match.
+        does not match. Also raised from the ``with`` block when the cluster goes away while
+        the job runs: the connection to the scheduler is lost, the scheduler stops answering
+        for ``connect_timeout`` seconds, or no worker is left for ``workers_timeout`` seconds
+        (see :class:`ClusterWatchdog`); the block's own error is its ``__cause__``.
     """
     cluster, where = _start_cluster(target)
     client = None
+    watchdog = None
     try:
         security = _tls_security(target) if isinstance(target, RemoteTLSConfig) else None
         timeout = getattr(target, "connect_timeout", 60.0)
@@ -789,11 +900,30 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
         )
         session = ClusterSession(client=client, target=target, dashboard_link=dashboard,
                                  description=description, cluster=cluster)
-        yield session
+        watchdog = ClusterWatchdog(client, label, timeout, workers_timeout).start()
+        try:
+            yield session
+        except Exception as error:
+            lost = _lost_connection(client, error, label, watchdog)
+            if lost is None:
+                raise
+            raise ClusterError(f"{lost}; the run cannot finish (rerun it when the cluster is "
+                               "back)") from error
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if client is not None:
-            with contextlib.suppress(Exception):
-                client.close(timeout=10)
+            gone = client.status != "running"
+            # A client still trying to reconnect logs a traceback when closed: expected here.
+            quiet = logging.getLogger("distributed.client")
+            level = quiet.level
+            if gone:
+                quiet.setLevel(logging.CRITICAL)
+            try:
+                with contextlib.suppress(Exception):
+                    client.close(timeout=5 if gone else 10)
+            finally:
+                quiet.setLevel(level)
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close(timeout=30)

@@ -10,17 +10,23 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
+import logging
 import platform
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fmnist_dask.logs import stage_label
+
+logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+#: Called as ``hook(stage_name, stage_record)`` around every stage (progress display, ...).
+StageHook = Callable[[str, dict[str, Any]], AbstractContextManager]
 PACKAGES = (
     "fmnist-dask", "dask", "distributed", "dask-ml", "numpy", "pandas", "scipy",
     "scikit-learn", "matplotlib", "pyarrow", "openTSNE", "pyamg",
@@ -45,30 +51,48 @@ def default_run_name(job_name: str) -> str:
 
 @dataclass
 class Run:
-    """A run in progress: its directory, its manifest, and per-stage timings."""
+    """A run in progress: its directory, its manifest, and per-stage timings.
+
+    ``stage_hooks`` are entered around every stage, inside its timing (e.g.
+    :class:`fmnist_dask.progress.StageProgress`); they may add details to the stage record.
+    """
 
     final_dir: Path
     dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
+    stage_hooks: list[StageHook] = field(default_factory=list)
 
     @contextmanager
-    def stage(self, name: str, log=print) -> Iterator[dict[str, Any]]:
-        """Time a stage; its wall time and details go to ``manifest["stages"][name]``."""
+    def stage(self, name: str, log: Callable[[str], Any] | None = None
+              ) -> Iterator[dict[str, Any]]:
+        """Time a stage; its status, wall time and details go to ``manifest["stages"][name]``.
+
+        The manifest is written when the stage starts (``status: running``) and when it ends
+        (``done``, ``failed`` or ``interrupted``). Log lines within are tagged with ``name``.
+        """
+        log = log or logger.info
         record: dict[str, Any] = {"status": "running"}
         self.manifest.setdefault("stages", {})[name] = record
-        log(f"[{name}] started")
-        start = time.perf_counter()
-        try:
-            yield record
-        except BaseException:
-            record["status"] = "failed"
-            raise
-        finally:
-            record["seconds"] = round(time.perf_counter() - start, 3)
+        with stage_label(name):
             self.write_manifest()
-        record["status"] = "done"
-        self.write_manifest()
-        log(f"[{name}] done in {record['seconds']:.1f} s")
+            log("started")
+            start = time.perf_counter()
+            try:
+                with ExitStack() as hooks:
+                    for hook in self.stage_hooks:
+                        hooks.enter_context(hook(name, record))
+                    yield record
+            except BaseException as error:
+                record["status"] = ("interrupted" if isinstance(error, KeyboardInterrupt)
+                                    else "failed")
+                raise
+            finally:
+                record["seconds"] = round(time.perf_counter() - start, 3)
+                self.write_manifest()
+            record["status"] = "done"
+            self.write_manifest()
+            tasks = f", {record['tasks']} tasks" if "tasks" in record else ""
+            log(f"done in {record['seconds']:.1f} s{tasks}")
 
     def write_manifest(self) -> Path:
         """Write ``manifest.json`` atomically (temporary file then rename)."""
