@@ -23,12 +23,6 @@ import dask.array as da
 import numpy as np
 import pytest
 import yaml
-from cluster_procs import (
-    WorkerSpec,
-    dask_processes,
-    free_port,
-    make_tls_files,
-)
 from distributed import wait
 
 import fmnist_dask
@@ -42,6 +36,12 @@ from fmnist_dask.dask_cluster import (
     SlurmConfig,
     load_cluster_config,
     open_cluster,
+)
+from tests.cluster_procs import (
+    WorkerSpec,
+    dask_processes,
+    free_port,
+    make_tls_files,
 )
 
 REPO = Path(__file__).resolve().parents[1]
