@@ -596,6 +596,10 @@ class ClusterWatchdog:
                                         daemon=True)
 
     def start(self) -> ClusterWatchdog:
+        try:  # the workers at the start, so that a loss before the first poll is named too
+            self._known: dict[str, str] | None = self._ask()
+        except Exception:
+            self._known = None
         self._thread.start()
         return self
 
@@ -609,7 +613,7 @@ class ClusterWatchdog:
         return {addr: str(w.get("name", addr)) for addr, w in info.get("workers", {}).items()}
 
     def _run(self) -> None:
-        known: dict[str, str] | None = None
+        known = self._known
         empty_since: float | None = None
         while not self._stop.wait(self.interval):
             if self.client.status != "running":
@@ -654,6 +658,27 @@ class ClusterWatchdog:
                 comm.abort()
 
         self.client.loop.add_callback(cut)
+
+
+#: Worker-side loggers whose warnings and errors are re-emitted in the client's log.
+FORWARDED_LOGGER = "distributed"
+
+
+def _forward_worker_warnings(client: Any, timeout: float) -> bool:
+    """Have the workers send their ``distributed`` warnings and errors to this client.
+
+    They are then logged here like the client's own lines (with the worker's address), so
+    they reach the terminal and ``run.log``: a worker's memory warnings or a task's failure on
+    a remote machine. Returns whether forwarding is on.
+    """
+    try:
+        _call_with_timeout(lambda: client.forward_logging(FORWARDED_LOGGER, logging.WARNING),
+                           timeout, "forwarding the workers' warnings")
+    except Exception as exc:  # the job runs without it; the workers' own logs still have them
+        logger.warning("the workers' warnings stay in their own logs: %s: %s",
+                       type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _lost_connection(client: Any, error: BaseException, label: str,
@@ -790,6 +815,9 @@ def _local_cluster(target: LocalConfig) -> Any:
             memory_limit=target.memory_limit, processes=True, host=target.host,
             dashboard_address=target.dashboard_address,
             local_directory=str(target.local_directory) if target.local_directory else None,
+            # The workers' own stderr lines would bypass this process's log format and
+            # run.log; their warnings reach the client instead (_forward_worker_warnings).
+            silence_logs=logging.CRITICAL,
         )
 
 
@@ -871,6 +899,7 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
     cluster, where = _start_cluster(target)
     client = None
     watchdog = None
+    forwarding = False
     try:
         security = _tls_security(target) if isinstance(target, RemoteTLSConfig) else None
         timeout = getattr(target, "connect_timeout", 60.0)
@@ -900,6 +929,7 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
         )
         session = ClusterSession(client=client, target=target, dashboard_link=dashboard,
                                  description=description, cluster=cluster)
+        forwarding = _forward_worker_warnings(client, workers_timeout)
         watchdog = ClusterWatchdog(client, label, timeout, workers_timeout).start()
         try:
             yield session
@@ -912,6 +942,10 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
     finally:
         if watchdog is not None:
             watchdog.stop()
+        if forwarding and client.status == "running":
+            with contextlib.suppress(Exception):  # unregister: the cluster may be shared
+                _call_with_timeout(lambda: client.unforward_logging(FORWARDED_LOGGER), 10,
+                                   "stopping the forwarding of the workers' warnings")
         if client is not None:
             gone = client.status != "running"
             # A client still trying to reconnect logs a traceback when closed: expected here.

@@ -1,11 +1,13 @@
 """Logging of a run: one line format for the terminal and for ``run.log``.
 
 Every line carries a UTC timestamp, the level, the stage running when it was logged and the
-message; lines from other libraries (Dask, ...) also name their logger::
+message; lines from other libraries (Dask, ...) also name their logger, and lines a worker
+sent (its warnings and errors, see ``dask_cluster``) the worker::
 
     2026-11-27T10:39:09.512Z INFO    [kmeans_raw] started
     2026-11-27T10:39:12.004Z WARNING [kmeans_raw] worker tcp://10.0.0.7:40123 left ...
     2026-11-27T10:39:12.010Z WARNING [kmeans_raw] distributed.client: ...
+    2026-11-27T10:39:13.120Z ERROR   [kmeans_raw] distributed.worker [tcp://10.0.0.7:40123]: ...
 
 The command line calls :func:`configure` once; :func:`run_log` adds ``run.log`` for the
 duration of a run. The terminal handler also owns the one-line progress display
@@ -69,7 +71,11 @@ class RunFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             message = f"{message}\n{record.exc_text}"
-        source = "" if record.name.startswith("fmnist_dask") else f"{record.name}: "
+        source = "" if record.name.startswith("fmnist_dask") else record.name
+        worker = getattr(record, "worker", None)  # set on lines forwarded from a worker
+        if worker:
+            source = f"{source} [{worker}]".lstrip()
+        source = f"{source}: " if source else ""
         stage = getattr(record, "stage", NO_STAGE)
         return f"{self.formatTime(record)} {record.levelname:<7} [{stage}] {source}{message}"
 

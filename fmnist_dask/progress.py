@@ -107,16 +107,20 @@ class StageProgress:
         warnings.filterwarnings("ignore", message=r"Dask annotations .* detected",
                                 category=UserWarning)
 
-    def counts(self, span_id: str, timeout: float = 10.0) -> dict[str, int] | None:
-        """Task counts of a span, or None when the scheduler cannot tell (or is gone)."""
+    def states(self, span_id: str, timeout: float = 10.0) -> dict[str, int] | None:
+        """``{task state: count}`` of a span, or None when the scheduler cannot tell."""
         if not self._ready:
             return None
         try:
             request = getattr(self.client.scheduler, HANDLER)
-            states = self.client.sync(request, span_id=span_id, callback_timeout=timeout)
+            return self.client.sync(request, span_id=span_id, callback_timeout=timeout)
         except Exception as exc:  # progress is informative only: never fail the job for it
             logger.debug("no task counts from the scheduler: %s: %s", type(exc).__name__, exc)
             return None
+
+    def counts(self, span_id: str, timeout: float = 10.0) -> dict[str, int] | None:
+        """:func:`summarise` of a span's task states, or None when the scheduler cannot tell."""
+        states = self.states(span_id, timeout)
         return None if states is None else summarise(states)
 
     @contextlib.contextmanager
@@ -141,9 +145,11 @@ class StageProgress:
                 if screen is not None:
                     screen.clear_status()
         if ok and self.client.status == "running":
-            final = self.counts(span_id)
-            if final is not None:
-                record["tasks"] = final["done"]
+            states = self.states(span_id)
+            if states is not None:
+                record["tasks"] = summarise(states)["done"]
+                logger.debug("task states at the end: %s", ", ".join(
+                    f"{state} {n}" for state, n in sorted(states.items()) if n) or "no tasks")
 
     def _watch(self, name: str, span_id: str, start: float, stop: threading.Event,
                screen: logs.TerminalHandler | None) -> None:

@@ -3,12 +3,12 @@ process against real ``dask scheduler`` / ``dask worker`` processes on 127.0.0.1
 
 Every run uses the same job spec on the same real Fashion-MNIST rows (1500 train + 300 test,
 written as CSV) with the same seed, so each run's assignments and metrics must equal those of
-the undisturbed LocalCluster run (the reference): on a remote scheduler, over mutual TLS, and
-after a worker was SIGKILLed in the middle of k-means. The faults check the exit code, the
-message and what is left in the output directory: the scheduler killed or frozen mid-run,
-unreachable at start, and Ctrl-C. To keep the file short, the slow stages (EDA plots, spectral
-clustering, t-SNE, silhouettes) are switched off in the spec; k-means on pixels, PCA, k-means
-on the projection, the GMM and the evaluation run.
+the undisturbed LocalCluster run (the reference): on a remote scheduler over mutual TLS, and on
+a plain TCP one after a worker was SIGKILLed in the middle of k-means. The faults check the exit
+code, the message and what is left in the output directory: the scheduler killed or frozen
+mid-run, unreachable at start, the last worker gone, and Ctrl-C. To keep the file short, the
+slow stages (EDA plots, spectral clustering, t-SNE, silhouettes) are switched off in the spec;
+k-means on pixels, PCA, k-means on the projection, the GMM and the evaluation run.
 
 A fault must land while a given stage runs: the tests poll the run's ``manifest.json``, which
 is rewritten when a stage starts (``status: running``), and act then; ``run.log`` then shows
@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from distributed import Client
 from distributed.security import Security
 
 from fmnist_dask import logs
+from fmnist_dask.dask_cluster import ClusterError, LocalConfig, RemoteConfig, open_cluster
 from fmnist_dask.progress import StageProgress, performance_report
 from fmnist_dask.rundir import open_run
 from tests.cluster_procs import dask_processes, free_port, make_tls_files
@@ -382,6 +384,30 @@ def test_log_lines_name_time_level_and_stage(tmp_path):
         "run failed: RuntimeError: boom")
 
 
+def _warn_on_worker(text: str) -> None:
+    logging.getLogger("distributed.worker").warning(text)
+
+
+def test_workers_warnings_reach_the_job_log_with_the_stage_and_the_worker(tmp_path):
+    stream = io.StringIO()
+    target = LocalConfig(n_workers=1, threads_per_worker=1, memory_limit="1GiB",
+                         dashboard_address=None)
+    with saved_logging():
+        logs.configure(stream=stream)
+        with logs.run_log(tmp_path / "run.log"), open_cluster(target) as session, \
+                logs.stage_label("kmeans_raw"):
+            worker = next(iter(session.client.scheduler_info(n_workers=-1)["workers"]))
+            session.client.submit(_warn_on_worker, "memory is short", pure=False).result()
+            deadline = time.monotonic() + 30
+            while "memory is short" not in stream.getvalue():  # events arrive asynchronously
+                assert time.monotonic() < deadline, stream.getvalue()
+                time.sleep(0.05)
+    line = next(x for x in stream.getvalue().splitlines() if "memory is short" in x)
+    assert LINE.match(line).groups() == ("WARNING", "kmeans_raw")
+    assert line.endswith(f"] distributed.worker [{worker}]: memory is short")
+    assert line in (tmp_path / "run.log").read_text().splitlines()
+
+
 def test_performance_report_of_a_computation(dask_client, tmp_path):
     import dask.array as da
 
@@ -529,6 +555,28 @@ def test_scheduler_going_away_mid_run_fails_clearly_with_exit_code_4(job, tmp_pa
     assert re.search(r"ERROR +\[-\] run failed: ClusterError: " + re.escape(expected[how]), log)
 
 
+@pytest.mark.timeout(180)  # without the watchdog, the result below would be awaited forever
+def test_no_worker_left_stops_the_computation_after_workers_timeout(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fmnist_dask")
+    with dask_processes(tmp_path / "procs", n_workers=1) as procs:
+        target = RemoteConfig(kind="remote", address=procs.scheduler_address,
+                              connect_timeout=20, workers_timeout=2)
+        with pytest.raises(ClusterError) as info:
+            with open_cluster(target, check_versions=False) as session:
+                future = session.client.submit(time.sleep, 600, pure=False)
+                deadline = time.monotonic() + 60
+                while not any(session.client.processing().values()):
+                    assert time.monotonic() < deadline, "the task never started"
+                    time.sleep(0.05)
+                procs.kill_worker(0)
+                future.result()
+    assert str(info.value).startswith(
+        f"no worker has been connected to {procs.scheduler_address} for 2 s")
+    assert isinstance(info.value.__cause__, CancelledError)  # the waiting result was cut off
+    assert re.search(r"worker tcp://127\.0\.0\.1:\d+ \(worker-0\) left the cluster; 0 worker",
+                     caplog.text)
+
+
 def test_unreachable_scheduler_at_start_exits_4_without_a_finished_run(job, tmp_path):
     config = tmp_path / "remote.yaml"
     address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
@@ -542,11 +590,16 @@ def test_unreachable_scheduler_at_start_exits_4_without_a_finished_run(job, tmp_
     assert manifest["status"] == "failed" and "stages" not in manifest
 
 
-def test_ctrl_c_stops_the_job_shuts_the_local_cluster_down_and_removes_the_run(job, tmp_path):
+@pytest.mark.parametrize("to", ["command", "group"])
+def test_ctrl_c_stops_the_job_shuts_the_local_cluster_down_and_removes_the_run(
+        job, tmp_path, to):
     with running(tmp_path, job, tmp_path / "out", "interrupted") as run:
         run.wait_for_stage("load")
         assert len(session_processes(run.proc.pid)) >= 3  # the CLI and its worker processes
-        run.proc.send_signal(signal.SIGINT)  # to the CLI only, as `kill -INT` does
+        if to == "command":
+            run.proc.send_signal(signal.SIGINT)  # to the CLI only, as `kill -INT PID` does
+        else:  # Ctrl-C on a terminal: the whole foreground group, local workers included
+            os.killpg(run.proc.pid, signal.SIGINT)
         code = run.finish(timeout=120)
         time.sleep(1)  # let the killed workers' exits be reaped
         left = session_processes(run.proc.pid)
