@@ -7,7 +7,8 @@ memory of the whole process tree (client, scheduler, nannies, workers) every 0.2
 
 Reproduce (from the repository root, after ``make install``)::
 
-    .venv/bin/python benchmarks/bench_scale.py --factors 1 4 16 --mirror ../shared/data/fashion-mnist
+    .venv/bin/python benchmarks/bench_scale.py --factors 1 4 16 \
+        --mirror ../shared/data/fashion-mnist
 
 Results: ``benchmarks/results/scale.json`` and a markdown table on stdout (copied into
 docs/benchmarks.md).
