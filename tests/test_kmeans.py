@@ -1,0 +1,172 @@
+"""DaskKMeans against scikit-learn's KMeans, hand-computed cases and itself."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics.pairwise import euclidean_distances
+
+from fmnist_dask.models.kmeans import DaskKMeans
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cluster(dask_client):
+    """Every test runs on the shared 2-worker LocalCluster (single-threaded BLAS)."""
+    return dask_client
+
+
+def _true_inertia(X: np.ndarray, labels: np.ndarray, centers: np.ndarray) -> float:
+    diff = X.astype(np.float64) - centers[labels].astype(np.float64)
+    return float((diff**2).sum())
+
+
+@pytest.fixture(scope="module")
+def raw_subset(real_scaled):
+    """15,000 real images (784 pixels in [0, 1]), every 4th of train + test."""
+    return real_scaled[0][::4][:15000]
+
+
+@pytest.fixture(scope="module")
+def pca10(real_scaled):
+    """All 70,000 real images projected on 10 principal components (scikit-learn)."""
+    return PCA(n_components=10, random_state=0).fit_transform(real_scaled[0])
+
+
+@pytest.fixture(scope="module")
+def pca10_dask(pca10, dask_client):
+    """The projection as a dask array on the workers, 4 blocks."""
+    return da.from_array(pca10, chunks=(17500, 10)).persist()
+
+
+@pytest.fixture(scope="module")
+def raw_subset_dask(raw_subset, dask_client):
+    return da.from_array(raw_subset, chunks=(3750, 784)).persist()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inertia_within_1pct_of_sklearn_raw(raw_subset, raw_subset_dask, seed):
+    X = raw_subset
+    ours = DaskKMeans(n_clusters=10, random_state=seed).fit(raw_subset_dask)
+    ref = KMeans(n_clusters=10, random_state=seed).fit(X)
+    labels = ours.labels_.compute()
+    # inertia_ is the true sum of squared distances of the returned labels and centres
+    np.testing.assert_allclose(ours.inertia_, _true_inertia(X, labels, ours.cluster_centers_),
+                               rtol=1e-9)
+    assert ours.inertia_ <= 1.01 * ref.inertia_
+    assert np.bincount(labels, minlength=10).min() > 0
+    assert ours.cluster_centers_.shape == (10, 784)
+    assert ours.cluster_centers_.dtype == np.float32
+    assert 1 <= ours.n_iter_ <= ours.max_iter
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inertia_within_1pct_of_sklearn_pca(pca10, pca10_dask, seed):
+    ours = DaskKMeans(n_clusters=10, random_state=seed).fit(pca10_dask)
+    ref = KMeans(n_clusters=10, random_state=seed).fit(pca10)
+    assert ours.inertia_ <= 1.01 * ref.inertia_
+    np.testing.assert_allclose(
+        ours.inertia_, _true_inertia(pca10, ours.labels_.compute(), ours.cluster_centers_),
+        rtol=1e-9,
+    )
+
+
+def test_same_iterates_as_sklearn_lloyd_from_the_same_start(real_scaled):
+    # The bounded (Hamerly) iterations skip rows that cannot move: they must follow
+    # exactly the path of plain Lloyd, i.e. scikit-learn's from the same start.
+    X = real_scaled[0][60000:65000]
+    init = X[:10].astype(np.float64)
+    ours = DaskKMeans(n_clusters=10, init=init).fit(da.from_array(X, chunks=(1300, 784)))
+    ref = KMeans(n_clusters=10, init=init, n_init=1, algorithm="lloyd").fit(X)
+    assert ours.n_iter_ == ref.n_iter_
+    np.testing.assert_array_equal(ours.labels_.compute(), ref.labels_)
+    np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, atol=1e-5)
+    assert ours.inertia_ == pytest.approx(ref.inertia_, rel=1e-6)
+
+
+def test_hand_computed_two_groups():
+    X = np.array([[0, 0], [0, 2], [10, 0], [10, 2], [10, 4]], dtype=np.float64)
+    km = DaskKMeans(n_clusters=2, random_state=0).fit(da.from_array(X, chunks=2))
+    order = np.argsort(km.cluster_centers_[:, 0])
+    np.testing.assert_allclose(km.cluster_centers_[order], [[0, 1], [10, 2]])
+    # squared distances: 1 + 1 for the first group, 4 + 0 + 4 for the second
+    assert km.inertia_ == pytest.approx(10.0)
+    labels = km.labels_.compute()
+    assert labels.dtype == np.int32
+    assert len(set(labels[:2])) == 1 and len(set(labels[2:])) == 1 and labels[0] != labels[2]
+    new = np.array([[1.0, 1.0], [9.0, 9.0]])
+    pred = km.predict(da.from_array(new, chunks=1)).compute()
+    assert pred[0] == labels[0] and pred[1] == labels[2]
+    np.testing.assert_allclose(km.transform(da.from_array(new, chunks=1)).compute(),
+                               euclidean_distances(new, km.cluster_centers_))
+    assert km.score(da.from_array(X, chunks=5)) == pytest.approx(-10.0)
+
+
+def test_empty_cluster_relocated_like_sklearn():
+    # The third start is far from every row: it gets no row in the first iteration and is
+    # moved to the row farthest from its centre, as scikit-learn does.
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (300, 3)), rng.normal(8, 1, (300, 3))])
+    init = np.array([[0.0, 0, 0], [8, 8, 8], [100, 100, 100]])
+    ours = DaskKMeans(n_clusters=3, init=init, random_state=0).fit(da.from_array(X, chunks=128))
+    ref = KMeans(n_clusters=3, init=init, n_init=1, algorithm="lloyd").fit(X)
+    assert ours.n_empty_relocations_ >= 1
+    np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, atol=1e-10)
+    np.testing.assert_array_equal(ours.labels_.compute(), ref.labels_)
+    assert ours.inertia_ == pytest.approx(ref.inertia_, rel=1e-10)
+
+
+def test_same_seed_same_chunks_identical(pca10):
+    dX = da.from_array(pca10[:10000], chunks=(2500, 10))
+    a = DaskKMeans(n_clusters=10, n_init=3, max_iter=30, random_state=7).fit(dX)
+    b = DaskKMeans(n_clusters=10, n_init=3, max_iter=30, random_state=7).fit(dX)
+    np.testing.assert_array_equal(a.labels_.compute(), b.labels_.compute())
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.inertia_ == b.inertia_
+
+
+def test_one_or_two_workers_same_result(pca10, dask_client):
+    from distributed import Client, LocalCluster
+
+    X = pca10[:10000]
+    dX = da.from_array(X, chunks=(2500, 10))
+    two = DaskKMeans(n_clusters=10, n_init=3, max_iter=30, random_state=3).fit(dX)
+    labels_two = two.labels_.compute()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as one_worker, \
+            dask.config.set(scheduler=one_worker):
+        one = DaskKMeans(n_clusters=10, n_init=3, max_iter=30, random_state=3).fit(dX)
+        labels_one = one.labels_.compute()
+    np.testing.assert_array_equal(labels_one, labels_two)
+    np.testing.assert_array_equal(one.cluster_centers_, two.cluster_centers_)
+    assert one.inertia_ == pytest.approx(two.inertia_, rel=1e-12)
+
+
+def test_runs_and_random_init(pca10):
+    X = pca10[:5000]
+    dX = da.from_array(X, chunks=(1250, 10))
+    five = DaskKMeans(n_clusters=10, n_init=5, random_state=0).fit(dX)
+    assert len(five.inertia_per_run_) == 5
+    assert five.inertia_ == five.inertia_per_run_.min()
+    # every run's inertia is the exact sum of squares of its own converged centres
+    assert five.inertia_ == pytest.approx(
+        _true_inertia(X, five.labels_.compute(), five.cluster_centers_), rel=1e-9)
+    auto = DaskKMeans(n_clusters=10, random_state=0).fit(dX)
+    assert len(auto.inertia_per_run_) == 10  # "auto" for 10 features
+    rnd = DaskKMeans(n_clusters=10, init="random", n_init=3, random_state=0).fit(dX)
+    ref = KMeans(n_clusters=10, random_state=0).fit(X)
+    assert rnd.inertia_ <= 1.05 * ref.inertia_
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match="n_samples"):
+        DaskKMeans(n_clusters=5).fit(da.ones((3, 2), chunks=2))
+    with pytest.raises(ValueError, match="init"):
+        DaskKMeans(n_clusters=2, init="bogus").fit(da.ones((6, 2), chunks=2))
+    km = DaskKMeans(n_clusters=2, random_state=0).fit(da.from_array(np.eye(4), chunks=2))
+    with pytest.raises(ValueError, match="features"):
+        km.predict(da.ones((3, 5), chunks=3))
