@@ -27,6 +27,7 @@ from fmnist_dask._blocks import (
     as_aligned_vector,
     as_row_chunked,
     block_partials,
+    scratch,
     tree_sum,
 )
 
@@ -105,15 +106,19 @@ def _cluster_distance_sums(
     for a in range(0, len(xi), _TILE_ROWS):
         xa, na = xi[a : a + _TILE_ROWS], ni[a : a + _TILE_ROWS, None]
         for b in range(0, len(xj), _TILE_COLS):
-            g = (xa @ xj[b : b + _TILE_COLS].T).astype(np.float64, copy=False)
-            g *= -2.0
-            g += na
-            g += nj[None, b : b + _TILE_COLS]
-            np.maximum(g, 0.0, out=g)
-            np.sqrt(g, out=g)
-            r_i[a : a + _TILE_ROWS] += g @ oj[b : b + _TILE_COLS]
+            xb = xj[b : b + _TILE_COLS]
+            # tile of distances, in reused buffers (fresh ones cost page faults)
+            g = scratch("sil_gram", (len(xa), len(xb)), xa.dtype)
+            np.matmul(xa, xb.T, out=g)
+            t = scratch("sil_dist", g.shape, np.float64)
+            np.multiply(g, -2.0, out=t)
+            t += na
+            t += nj[None, b : b + _TILE_COLS]
+            np.maximum(t, 0.0, out=t)
+            np.sqrt(t, out=t)
+            r_i[a : a + _TILE_ROWS] += t @ oj[b : b + _TILE_COLS]
             if both:
-                r_j[b : b + _TILE_COLS] += g.T @ oi[a : a + _TILE_ROWS]
+                r_j[b : b + _TILE_COLS] += t.T @ oi[a : a + _TILE_ROWS]
     return r_i, r_j
 
 
