@@ -955,7 +955,7 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
                 quiet.setLevel(logging.CRITICAL)
             try:
                 with contextlib.suppress(Exception):
-                    client.close(timeout=5 if gone else 10)
+                    client.close(timeout=2 if gone else 10)
             finally:
                 quiet.setLevel(level)
         if cluster is not None:

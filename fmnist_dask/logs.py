@@ -101,9 +101,15 @@ class TerminalHandler(logging.StreamHandler):
         isatty = getattr(self.stream, "isatty", None)
         return bool(isatty and isatty())
 
-    def set_status(self, text: str) -> None:
-        """Show ``text`` on the last terminal line (replacing the previous status)."""
+    def set_status(self, text: str, unless: threading.Event | None = None) -> None:
+        """Show ``text`` on the last terminal line (replacing the previous status).
+
+        Nothing is drawn once ``unless`` is set: a progress thread that lags behind the end of
+        its stage cannot leave a stale line under the next log lines.
+        """
         with self._status_lock:
+            if unless is not None and unless.is_set():
+                return
             self._erase()
             self._status = text
             self._draw()

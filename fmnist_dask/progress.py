@@ -141,9 +141,10 @@ class StageProgress:
                 ok = True
             finally:
                 stop.set()
-                watcher.join(timeout=2 * self.interval + 1)
                 if screen is not None:
-                    screen.clear_status()
+                    screen.clear_status()  # after stop: the watcher draws nothing more
+                # A watcher waiting for a scheduler that is gone must not delay the error.
+                watcher.join(timeout=2 * self.interval if ok else 0.1)
         if ok and self.client.status == "running":
             states = self.states(span_id)
             if states is not None:
@@ -166,7 +167,7 @@ class StageProgress:
                 text = (f"[{name}] {counts['done']}/{counts['total']} tasks, "
                         f"{counts['running']} running, {elapsed:.1f} s")
             if screen is not None:
-                screen.set_status(text)
+                screen.set_status(text, unless=stop)
             if time.perf_counter() - last_log >= self.log_every:
                 last_log = time.perf_counter()
                 logger.debug("progress: %s", text.split("] ", 1)[1])
