@@ -108,11 +108,11 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
     assert len(cleaned) == 1800 and cleaned["row_id"].is_unique
     for png in ("eda/sample_images.png", "eda/class_distribution.png",
                 "eda/pixel_histogram.png", "pca/explained_variance.png", "pca/components.png",
-                "comparison.png", "embedding/tsne_true_class.png",
+                "comparison.png", "tsne/tsne_true_class.png",
                 *[f"clusters/{m}_{kind}.png" for m in METHODS
                   for kind in ("samples", "contingency")],
                 *[f"clusters/{m}_centroids.png" for m in ("kmeans_raw", "kmeans_pca")],
-                *[f"embedding/tsne_{m}.png" for m in METHODS]):
+                *[f"tsne/tsne_{m}.png" for m in METHODS]):
         assert (run / png).read_bytes()[:4] == b"\x89PNG", png
 
     metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")

@@ -179,7 +179,7 @@ def test_a_report_with_methods_and_figures_missing_still_loads_cleanly(runs, chr
     assert sorted(r[1] for r in page.result["comparison"]) == sorted(KMEANS_ONLY)
     missing = " ".join(page.result["missing"])
     assert "exploration stage did not run" in missing
-    assert "embedding/tsne_kmeans_raw.png" in missing  # no t-SNE in this run: said, not broken
+    assert "tsne/tsne_kmeans_raw.png" in missing  # no t-SNE in this run: said, not broken
 
 
 def _printed_scores(stdout: str, title: str) -> dict[str, list[str]]:

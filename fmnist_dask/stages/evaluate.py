@@ -105,7 +105,7 @@ def write_metrics(rows: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
 def tsne_figures(coordinates: np.ndarray, indices: np.ndarray, results: list[ClusterResult],
                  data: CleanData, out_dir: Path) -> list[Path]:
     """t-SNE maps of the sample coloured by each method's clusters and by the true class."""
-    embed_dir = out_dir / "embedding"
+    embed_dir = out_dir / "tsne"  # PNGs apart from embedding/, a parquet dataset
     labels = dask.compute(*[take_rows(r.labels, indices) for r in results],
                           take_rows(data.label, indices))
     paths = []

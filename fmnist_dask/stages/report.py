@@ -370,7 +370,7 @@ def _pca_section(manifest: dict[str, Any], run_dir: Path) -> str:
             f"{_num(tsne.get('trustworthiness'), 3)} with 5 neighbours). Each method below "
             "colours this same map by its own clusters; here it is coloured by the true "
             "class, for evaluation only.</p>",
-            figure(run_dir, "embedding/tsne_true_class.png",
+            figure(run_dir, "tsne/tsne_true_class.png",
                    "Scatter plot of the t-SNE map, each point a row, coloured and shaped by its "
                    "true class with the class names written at the centre of each group",
                    "t-SNE map coloured by the true class."),
@@ -431,7 +431,7 @@ def _methods_section(metrics: pd.DataFrame, run_dir: Path) -> str:
             f"Heat map of how many images of each true class (rows) fall in each of the {k} "
             f"clusters of {method} (columns); every cell is annotated with its count",
             "Contingency matrix: true class against cluster.") + figure(
-            run_dir, f"embedding/tsne_{method}.png",
+            run_dir, f"tsne/tsne_{method}.png",
             f"The t-SNE map coloured and shaped by the {k} clusters of {method}, with the "
             "cluster numbers written at the centre of each group",
             f"t-SNE map coloured by the clusters of {method}.") + "</div>")
