@@ -180,3 +180,17 @@ def scratch(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     if buf is None or buf.size < size:
         buf = pool[(name, dtype)] = np.empty(max(size, 1), dtype=dtype)
     return buf[:size].reshape(shape)
+
+
+def few_partials(partials: da.Array, split_every: int = 8) -> da.Array:
+    """Per-block partials reduced just enough to send to the client; sum axis 0 there.
+
+    With at most ``split_every`` blocks the partials go to the client as they are (the
+    last level of the tree runs on the client, saving a worker-to-worker hop per call,
+    which matters in loops of hundreds of small reductions); with more blocks a tree
+    reduction on the workers leaves one partial. Either way the client receives at most
+    ``split_every`` small arrays and sums them in a fixed order (deterministic).
+    """
+    if partials.numblocks[0] <= split_every:
+        return partials
+    return tree_sum(partials, split_every)[None]

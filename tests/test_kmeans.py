@@ -105,18 +105,20 @@ def test_hand_computed_two_groups():
     assert km.score(da.from_array(X, chunks=5)) == pytest.approx(-10.0)
 
 
-def test_empty_cluster_relocated_like_sklearn():
+@pytest.mark.parametrize("d", [3, 40])  # without and with the distance bounds
+def test_empty_cluster_relocated_like_sklearn(d):
     # The third start is far from every row: it gets no row in the first iteration and is
     # moved to the row farthest from its centre, as scikit-learn does.
     rng = np.random.default_rng(0)
-    X = np.concatenate([rng.normal(0, 1, (300, 3)), rng.normal(8, 1, (300, 3))])
-    init = np.array([[0.0, 0, 0], [8, 8, 8], [100, 100, 100]])
+    X = np.concatenate([rng.normal(0, 1, (300, d)), rng.normal(8, 1, (300, d))])
+    init = np.stack([np.zeros(d), np.full(d, 8.0), np.full(d, 100.0)])
     ours = DaskKMeans(n_clusters=3, init=init, random_state=0).fit(da.from_array(X, chunks=128))
     ref = KMeans(n_clusters=3, init=init, n_init=1, algorithm="lloyd").fit(X)
     assert ours.n_empty_relocations_ >= 1
     np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, atol=1e-10)
     np.testing.assert_array_equal(ours.labels_.compute(), ref.labels_)
     assert ours.inertia_ == pytest.approx(ref.inertia_, rel=1e-10)
+    assert ours.n_iter_ == ref.n_iter_
 
 
 def test_same_seed_same_chunks_identical(pca10):

@@ -36,6 +36,7 @@ from fmnist_dask._blocks import (
     as_row_chunked,
     block_partials,
     block_rows,
+    few_partials,
     scratch,
     tree_sum,
 )
@@ -550,8 +551,8 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             d2 = da.map_blocks(
                 _k_update_min_sqdist, X, d2[:, None], new, drop_axis=1, dtype=np.float64
             )
-            (d2,) = dask.persist(d2)
-            phi = float(d2.sum().compute())
+            d2, phi_lazy = dask.persist(d2, d2.sum())
+            phi = float(phi_lazy.compute())
         del d2
         candidates = np.concatenate(chosen)
         if len(np.unique(candidates, axis=0)) < k:
@@ -615,14 +616,16 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                     new_axes={"c": width}, dtype=np.float64, concatenate=True,
                 )
             # The new state stays on the workers; the moves are computed from it there.
-            (new,) = dask.persist(new)
             old = (None, None) if state is None else (state, "im")
             parts = da.blockwise(
                 _k_moves, "iab", X, "ij", *old, new, "ic", k, None, n_runs, None,
                 new_axes={"a": n_runs * k, "b": d + 1}, adjust_chunks={"i": 1},
                 dtype=np.float64, concatenate=True,
             )
-            moves = tree_sum(parts, self.split_every).compute()
+            # One submission: the new state stays on the workers (shared by both
+            # collections, so computed once), only the moves come back.
+            new, partial = dask.persist(new, few_partials(parts, self.split_every))
+            moves = np.asarray(partial.compute()).sum(axis=0)
             state = new
             moves = moves.reshape(n_runs, k, d + 1)
             sums += moves[:, :, :d]
