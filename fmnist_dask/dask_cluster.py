@@ -932,7 +932,10 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
         forwarding = _forward_worker_warnings(client, workers_timeout)
         watchdog = ClusterWatchdog(client, label, timeout, workers_timeout).start()
         try:
-            yield session
+            # The session's client computes the block's dask collections, also when the
+            # caller is inside another client's `with` block (which would stay "current").
+            with client.as_current():
+                yield session
         except Exception as error:
             lost = _lost_connection(client, error, label, watchdog)
             if lost is None:

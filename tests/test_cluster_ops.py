@@ -408,6 +408,22 @@ def test_workers_warnings_reach_the_job_log_with_the_stage_and_the_worker(tmp_pa
     assert line in (tmp_path / "run.log").read_text().splitlines()
 
 
+def test_the_session_client_computes_even_inside_another_clients_block(dask_client):
+    import dask.array as da
+    from distributed import wait
+
+    assert Client.current() is dask_client  # the fixture's `with Client(...)` made it current
+    target = LocalConfig(n_workers=1, threads_per_worker=1, memory_limit="1GiB",
+                         dashboard_address=None)
+    with open_cluster(target, check_versions=False) as session:
+        x = da.arange(1000, chunks=100).persist()
+        wait(x)
+        held = {k for keys in session.client.has_what().values() for k in keys}
+        assert len(held) == 10  # the ten blocks live on the session's worker
+        assert int(x.sum().compute()) == sum(range(1000))
+    assert Client.current() is dask_client  # and the outer client is current again
+
+
 def test_performance_report_of_a_computation(dask_client, tmp_path):
     import dask.array as da
 
