@@ -22,7 +22,7 @@ CLI = [sys.executable, "-m", "fmnist_dask.cli"]
 METHODS = ["kmeans_raw", "kmeans_pca", "gmm", "spectral"]
 
 
-def cli(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path = REPO, timeout: float = 840) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
