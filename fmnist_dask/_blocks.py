@@ -7,6 +7,7 @@ added together by a tree reduction. These helpers hold that pattern in one place
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,22 @@ def as_row_chunked(x: Any, dtype: Any | None = None) -> da.Array:
     if dtype is not None and x.dtype != dtype:
         x = x.astype(dtype)
     return x
+
+
+def validate_rows(estimator: Any, X: Any, reset: bool) -> da.Array:
+    """X as a row-chunked float dask array; records or checks ``n_features_in_``.
+
+    Integer data (pixels) is cast to float32. ``reset=True`` (in ``fit``) records the
+    number of features on ``estimator``; otherwise X must have that many.
+    """
+    X = as_row_chunked(X)
+    if not np.issubdtype(X.dtype, np.floating):
+        X = X.astype(np.float32)
+    if reset:
+        estimator.n_features_in_ = X.shape[1]
+    elif X.shape[1] != estimator.n_features_in_:
+        raise ValueError(f"X has {X.shape[1]} features, expected {estimator.n_features_in_}")
+    return X
 
 
 def as_aligned_vector(v: Any, like: da.Array, name: str = "labels") -> da.Array:
@@ -175,7 +192,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     if pool is None:
         pool = _SCRATCH.pool = {}
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buf = pool.get((name, dtype))
     if buf is None or buf.size < size:
         buf = pool[(name, dtype)] = np.empty(max(size, 1), dtype=dtype)

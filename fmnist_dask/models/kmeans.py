@@ -33,12 +33,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from fmnist_dask._blocks import (
     SUB_ROWS,
-    as_row_chunked,
     block_partials,
     block_rows,
     few_partials,
     scratch,
     tree_sum,
+    validate_rows,
 )
 
 
@@ -114,16 +114,20 @@ def _k_candidate_counts(
 
 def _nearest_multi(
     xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray, runs: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """Nearest centre of every row in each of ``runs`` stacked centre sets.
 
     ``centers`` is (runs * k, d): one BLAS product serves all runs. Returns the nearest
-    index (rows x runs) and the scores ||c||^2 - 2 x.c at it (rows x runs).
+    index within its run, shape (rows, runs).
     """
-    scores = _scores(xs, centers, c_sqnorm).reshape(len(xs), runs, -1)
-    near = scores.argmin(axis=2)
-    best = np.take_along_axis(scores, near[:, :, None], axis=2)[:, :, 0]
-    return near, best
+    return _scores(xs, centers, c_sqnorm).reshape(len(xs), runs, -1).argmin(axis=2)
+
+
+def _one(block: Any) -> np.ndarray:
+    """The single block blockwise hands over for a contracted one-chunk axis."""
+    while isinstance(block, list):
+        (block,) = block
+    return block
 
 
 # Per-row state of the Lloyd iterations, one float64 row per data row:
@@ -154,13 +158,14 @@ def _k_bounded_assign(
     distance from each centre to the nearest other centre of its run. ``state=None``
     computes every distance (first iteration, or after a relocation).
     """
+    xb, state = _one(xb), (None if state is None else _one(state))
     n = len(xb)
     k = len(centers) // runs
     if not bounded:
         out = np.empty((n, 1 + runs))
         out[:, 0] = 0.0
         for s in range(0, n, SUB_ROWS):
-            near, _ = _nearest_multi(xb[s : s + SUB_ROWS], centers, c_sqnorm, runs)
+            near = _nearest_multi(xb[s : s + SUB_ROWS], centers, c_sqnorm, runs)
             out[s : s + SUB_ROWS, 1:] = near
         return out
     if state is None:
@@ -207,6 +212,7 @@ def _k_moves(
     Returns a (1, runs * k, d + 1) float64 array [sum deltas (d) | count deltas]. Only
     moved rows are touched: after the first iterations few rows move.
     """
+    xb, new, old = _one(xb), _one(new), (None if old is None else _one(old))
     d = xb.shape[1]
     out = np.zeros((runs * k, d + 1))
     offsets = np.arange(runs) * k
@@ -241,7 +247,7 @@ def _k_run_inertia(
     c64 = centers.astype(np.float64)
     for s in range(0, len(xb), SUB_ROWS):
         xs = xb[s : s + SUB_ROWS]
-        near, _ = _nearest_multi(xs, centers, c_sqnorm, runs)
+        near = _nearest_multi(xs, centers, c_sqnorm, runs)
         x64 = xs.astype(np.float64)
         for r in range(runs):
             diff = x64 - c64[r * k + near[:, r]]
@@ -468,14 +474,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     # -- internals --------------------------------------------------------------------
 
     def _validate(self, X: Any, reset: bool = False) -> da.Array:
-        X = as_row_chunked(X)
-        if not np.issubdtype(X.dtype, np.floating):
-            X = X.astype(np.float32)
-        if reset:
-            self.n_features_in_ = X.shape[1]
-        elif X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, expected {self.n_features_in_}")
-        return X
+        return validate_rows(self, X, reset)
 
     def _resolve_n_init(self, n_features: int) -> int:
         if not isinstance(self.init, str):
@@ -613,14 +612,14 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                 new = da.blockwise(
                     _k_bounded_assign, "ic", X, "ij", state, "im",
                     *[v for c in consts for v in (c, None)],
-                    new_axes={"c": width}, dtype=np.float64, concatenate=True,
+                    new_axes={"c": width}, dtype=np.float64, concatenate=False,
                 )
             # The new state stays on the workers; the moves are computed from it there.
             old = (None, None) if state is None else (state, "im")
             parts = da.blockwise(
                 _k_moves, "iab", X, "ij", *old, new, "ic", k, None, n_runs, None,
                 new_axes={"a": n_runs * k, "b": d + 1}, adjust_chunks={"i": 1},
-                dtype=np.float64, concatenate=True,
+                dtype=np.float64, concatenate=False,
             )
             # One submission: the new state stays on the workers (shared by both
             # collections, so computed once), only the moves come back.

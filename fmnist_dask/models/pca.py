@@ -26,7 +26,13 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.extmath import svd_flip
 from sklearn.utils.validation import check_is_fitted
 
-from fmnist_dask._blocks import SUB_ROWS, as_row_chunked, block_partials, tree_sum
+from fmnist_dask._blocks import (
+    SUB_ROWS,
+    as_row_chunked,
+    block_partials,
+    tree_sum,
+    validate_rows,
+)
 
 #: Rows used to estimate the shift (an approximate mean).
 _SHIFT_ROWS = 1000
@@ -191,11 +197,4 @@ class DaskPCA(TransformerMixin, BaseEstimator):
         return np.maximum(np.sqrt(self.explained_variance_), np.finfo(np.float64).eps)
 
     def _validate(self, X: Any, reset: bool = False) -> da.Array:
-        X = as_row_chunked(X)
-        if not np.issubdtype(X.dtype, np.floating):
-            X = X.astype(np.float32)
-        if reset:
-            self.n_features_in_ = X.shape[1]
-        elif X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, expected {self.n_features_in_}")
-        return X
+        return validate_rows(self, X, reset)
