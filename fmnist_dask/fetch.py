@@ -150,6 +150,7 @@ def fetch(dest: Path, mirror: Path | None = None, url: str = OFFICIAL_URL) -> li
                     with open(tmp_path, "wb") as out:
                         shutil.copyfileobj(response, out)
             verify(tmp_path, official)
+            tmp_path.chmod(0o644)  # temporary files are private; the data need not be
             tmp_path.replace(target)
         finally:
             tmp_path.unlink(missing_ok=True)
