@@ -211,3 +211,23 @@ def few_partials(partials: da.Array, split_every: int = 8) -> da.Array:
     if partials.numblocks[0] <= split_every:
         return partials
     return tree_sum(partials, split_every)[None]
+
+
+def exact_sq_dists(xs: np.ndarray, centers: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Squared distance of each row to its own centre, float64, from exact differences.
+
+    Parameters
+    ----------
+    xs : ndarray of shape (rows, d)
+    centers : ndarray of shape (k, d), float64
+    labels : ndarray of shape (rows,), int
+        Centre of each row.
+
+    Returns
+    -------
+    ndarray of shape (rows,), float64
+    """
+    diff = scratch("exact_diff", xs.shape, np.float64)
+    np.take(centers, labels, axis=0, out=diff)
+    np.subtract(xs, diff, out=diff)
+    return np.einsum("ij,ij->i", diff, diff)

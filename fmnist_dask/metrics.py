@@ -27,6 +27,7 @@ from fmnist_dask._blocks import (
     as_aligned_vector,
     as_row_chunked,
     block_partials,
+    exact_sq_dists,
     scratch,
     tree_sum,
 )
@@ -37,8 +38,7 @@ from fmnist_dask._blocks import (
 def _k_sum_of_squares(xb: np.ndarray, lb: np.ndarray, centers: np.ndarray, **_: Any) -> float:
     total = 0.0
     for s in range(0, len(xb), SUB_ROWS):
-        diff = xb[s : s + SUB_ROWS].astype(np.float64) - centers[lb[s : s + SUB_ROWS]]
-        total += float(np.einsum("ij,ij->", diff, diff))
+        total += float(exact_sq_dists(xb[s : s + SUB_ROWS], centers, lb[s : s + SUB_ROWS]).sum())
     return total
 
 

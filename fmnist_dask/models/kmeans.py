@@ -35,6 +35,7 @@ from fmnist_dask._blocks import (
     SUB_ROWS,
     block_partials,
     block_rows,
+    exact_sq_dists,
     few_partials,
     scratch,
     tree_sum,
@@ -88,8 +89,14 @@ def _k_update_min_sqdist(xb: np.ndarray, prev: np.ndarray, centers: np.ndarray) 
 
 def _k_shifted_moments(xb: np.ndarray, shift: np.ndarray, **_: Any) -> np.ndarray:
     """Sum and sum of squares of (x - shift) per feature: feature variances for ``tol``."""
-    z = xb.astype(np.float64) - shift
-    return np.stack([z.sum(axis=0), np.einsum("ij,ij->j", z, z)])
+    out = np.zeros((2, xb.shape[1]))
+    shift = shift.astype(xb.dtype)
+    for s in range(0, len(xb), SUB_ROWS):
+        xs = xb[s : s + SUB_ROWS]
+        z = np.subtract(xs, shift, out=scratch("moments", xs.shape, xb.dtype))
+        out[0] += z.sum(axis=0, dtype=np.float64)
+        out[1] += np.multiply(z, z, out=z).sum(axis=0, dtype=np.float64)
+    return out
 
 
 def _k_sample(
@@ -148,37 +155,41 @@ _BOUNDS_MIN_FEATURES = 32
 
 def _k_bounded_assign(
     xb: np.ndarray, state: np.ndarray | None, centers: np.ndarray, c_sqnorm: np.ndarray,
-    shift: np.ndarray, max_shift: np.ndarray, half_gap: np.ndarray, runs: int,
-    bounded: bool,
+    shift: np.ndarray, max_shift: np.ndarray, half_gap: np.ndarray, active: np.ndarray,
+    runs: int, bounded: bool,
 ) -> np.ndarray:
-    """One assignment step for all runs; returns the new state (see above).
+    """One assignment step of the active runs; returns the new state (see above).
 
-    ``shift`` (runs * k,) is how far each centre moved since the state was computed,
-    ``max_shift`` (runs,) the largest move per run, ``half_gap`` (runs * k,) half the
-    distance from each centre to the nearest other centre of its run. ``state=None``
-    computes every distance (first iteration, or after a relocation).
+    ``centers`` (a * k, d) are the centres of the ``a`` active runs (indices ``active``),
+    ``shift`` (a * k,) how far each moved since the state was computed, ``max_shift``
+    (a,) the largest move per run, ``half_gap`` (a * k,) half the distance from each
+    centre to the nearest other centre of its run. Converged runs keep their columns.
+    ``state=None`` computes every distance of every run (first iteration, or after a
+    relocation); ``active`` must then list all runs.
     """
     xb, state = _one(xb), (None if state is None else _one(state))
-    n = len(xb)
-    k = len(centers) // runs
-    if not bounded:
-        out = np.empty((n, 1 + runs))
-        out[:, 0] = 0.0
-        for s in range(0, n, SUB_ROWS):
-            near = _nearest_multi(xb[s : s + SUB_ROWS], centers, c_sqnorm, runs)
-            out[s : s + SUB_ROWS, 1:] = near
-        return out
+    n, n_act = len(xb), len(active)
+    k = len(centers) // n_act
+    lab_cols = 1 + active
     if state is None:
-        out = np.empty((n, 1 + 3 * runs))
-        out[:, 0] = np.einsum("ij,ij->i", xb, xb, dtype=np.float64)
-        todo = np.arange(n)
+        out = np.empty((n, 1 + (3 if bounded else 1) * runs))
+        out[:, 0] = np.einsum("ij,ij->i", xb, xb, dtype=np.float64) if bounded else 0.0
     else:
         out = state.copy()  # the previous state is still read by the moves kernel
-        labels = out[:, 1 : 1 + runs].astype(np.int64) + np.arange(runs) * k
-        upper = out[:, 1 + runs : 1 + 2 * runs]
-        lower = out[:, 1 + 2 * runs :]
-        upper += shift[labels]
-        lower -= max_shift
+    if not bounded:
+        for s in range(0, n, SUB_ROWS):
+            near = _nearest_multi(xb[s : s + SUB_ROWS], centers, c_sqnorm, n_act)
+            out[s : s + SUB_ROWS, lab_cols] = near
+        return out
+    up_cols, lo_cols = lab_cols + runs, lab_cols + 2 * runs
+    if state is None:
+        todo = np.arange(n)
+    else:
+        labels = out[:, lab_cols].astype(np.int64) + np.arange(n_act) * k
+        upper = out[:, up_cols] + shift[labels]
+        lower = out[:, lo_cols] - max_shift
+        out[:, up_cols] = upper
+        out[:, lo_cols] = lower
         todo = np.flatnonzero((upper > np.maximum(lower, half_gap[labels])).any(axis=1))
     xnorm = out[:, 0]
     for s in range(0, len(todo), SUB_ROWS):
@@ -187,19 +198,20 @@ def _k_bounded_assign(
             xs = xb[s : s + SUB_ROWS]
         else:
             xs = np.take(xb, idx, axis=0, out=scratch("rows", (len(idx), xb.shape[1]), xb.dtype))
-        d2 = scratch("d2", (len(idx), runs * k), np.float64)
+        d2 = scratch("d2", (len(idx), n_act * k), np.float64)
         d2[:] = _scores(xs, centers, c_sqnorm)  # float32 product, float64 from here
         d2 += xnorm[idx, None]
         np.maximum(d2, 0.0, out=d2)
-        d2 = d2.reshape(len(idx), runs, k)
-        out[idx, 1 : 1 + runs] = d2.argmin(axis=2)
+        d2 = d2.reshape(len(idx), n_act, k)
+        rows = idx[:, None]
+        out[rows, lab_cols] = d2.argmin(axis=2)
         if k > 1:
             two = np.sqrt(np.partition(d2, 1, axis=2)[:, :, :2])
-            out[idx, 1 + runs : 1 + 2 * runs] = two[:, :, 0] * (1 + _BOUND_SLACK)
-            out[idx, 1 + 2 * runs :] = two[:, :, 1] * (1 - _BOUND_SLACK)
+            out[rows, up_cols] = two[:, :, 0] * (1 + _BOUND_SLACK)
+            out[rows, lo_cols] = two[:, :, 1] * (1 - _BOUND_SLACK)
         else:
-            out[idx, 1 + runs : 1 + 2 * runs] = np.sqrt(d2[:, :, 0]) * (1 + _BOUND_SLACK)
-            out[idx, 1 + 2 * runs :] = np.inf
+            out[rows, up_cols] = np.sqrt(d2[:, :, 0]) * (1 + _BOUND_SLACK)
+            out[rows, lo_cols] = np.inf
     return out
 
 
@@ -248,10 +260,8 @@ def _k_run_inertia(
     for s in range(0, len(xb), SUB_ROWS):
         xs = xb[s : s + SUB_ROWS]
         near = _nearest_multi(xs, centers, c_sqnorm, runs)
-        x64 = xs.astype(np.float64)
         for r in range(runs):
-            diff = x64 - c64[r * k + near[:, r]]
-            out[r] += np.einsum("ij,ij->", diff, diff)
+            out[r] += exact_sq_dists(xs, c64, r * k + near[:, r]).sum()
     return out
 
 
@@ -585,7 +595,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         bounds; each iteration recomputes distances only for rows whose bounds do not
         rule out a change. The per-cluster sums and counts live on the client and are
         updated with the moves of the rows that changed cluster. A converged run keeps
-        its centres frozen until all runs have converged.
+        its centres and labels frozen and costs nothing until all runs have converged.
         """
         n_runs, k, d = starts.shape
         centers = [c.astype(X.dtype) for c in starts]
@@ -599,11 +609,15 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         width = 1 + (3 if bounded else 1) * n_runs
         self.n_empty_relocations_ = 0
         for it in range(1, self.max_iter + 1):
-            stacked = np.concatenate(centers)
-            per_run = shift.reshape(n_runs, k)
-            half_gap = np.concatenate([_half_gaps(c) for c in centers])
-            consts = (stacked, _sqnorms(stacked).astype(np.float64), shift,
-                      per_run.max(axis=1), half_gap, n_runs, bounded)
+            # a full recount (state None) recomputes every run; otherwise only the
+            # runs still moving are computed, the others keep their labels and bounds
+            act = np.arange(n_runs) if state is None else np.array(sorted(active))
+            stacked = np.concatenate([centers[r] for r in act])
+            run_shift = np.concatenate([shift[r * k : (r + 1) * k] for r in act])
+            half_gap = np.concatenate([_half_gaps(centers[r]) for r in act])
+            consts = (stacked, _sqnorms(stacked).astype(np.float64), run_shift,
+                      run_shift.reshape(len(act), k).max(axis=1), half_gap, act, n_runs,
+                      bounded)
             if state is None:
                 sums[:], counts[:] = 0.0, 0.0
                 new = X.map_blocks(_k_bounded_assign, None, *consts,
