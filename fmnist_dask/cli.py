@@ -1,7 +1,8 @@
 """Command line: ``fmnist-dask run``, ``fetch``, ``report``, ``compare``.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad job spec or usage, 3 bad input data,
-4 cluster unreachable or unusable, 130 interrupted (Ctrl-C).
+4 cluster unreachable or unusable, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as a
+batch system or ``kill`` sends it; the same clean stop as Ctrl-C).
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_INPUT, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, the shell's convention
 DEFAULT_JOB = Path("jobs/fashion_mnist.yaml")
 
 
@@ -160,9 +164,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every stage unwinds the same way: the cluster is
+    closed, workers shut down, the run directory marked interrupted and removed."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fmnist-dask`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _dispatch(args)  # signal handlers can only be set in the main thread
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _dispatch(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     _configure_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     from fmnist_dask.config import SpecError
     from fmnist_dask.dask_cluster import ClusterConfigError, ClusterError
@@ -174,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers |= {"report": _cmd_report, "compare": _cmd_compare}
     try:
         return handlers[args.command](args)
+    except Terminated:
+        print("fmnist-dask: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("fmnist-dask: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -623,3 +623,17 @@ def test_ctrl_c_stops_the_job_shuts_the_local_cluster_down_and_removes_the_run(
     assert run.stderr().rstrip().endswith("fmnist-dask: interrupted")
     assert left == []  # no orphaned nanny or worker processes
     assert list((tmp_path / "out").iterdir()) == []  # the temporary run directory is gone
+
+
+def test_sigterm_stops_the_job_like_ctrl_c_with_exit_143(job, tmp_path):
+    # What a batch system (SLURM at the time limit, Kubernetes, `kill`) sends.
+    with running(tmp_path, job, tmp_path / "out", "terminated") as run:
+        run.wait_for_stage("load")
+        run.proc.send_signal(signal.SIGTERM)
+        code = run.finish(timeout=120)
+        time.sleep(1)
+        left = session_processes(run.proc.pid)
+    assert code == 143, run.stderr()[-3000:]
+    assert run.stderr().rstrip().endswith("fmnist-dask: terminated")
+    assert left == []
+    assert list((tmp_path / "out").iterdir()) == []
