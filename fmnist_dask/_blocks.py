@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -92,6 +93,25 @@ def _call_kernel(
     return np.asarray(out)[None]
 
 
+#: Constants above this size travel as one graph key instead of inside every task.
+SHARED_CONST_BYTES = 1 << 20
+
+
+def shared_consts(consts: tuple) -> tuple:
+    """``consts`` with every large numpy array turned into a single graph key.
+
+    A constant inside a task is shipped and held once per task: a worker that is handed
+    its 56 tasks of a pass holds 56 copies (measured: the sampled silhouette's 10,000 x
+    784 sample, 31 MB, took workers to 2.8 GiB each at 1.12 million rows). As a key it
+    travels once per worker and is shared by the tasks there.
+    """
+    return tuple(
+        dask.delayed(c, pure=True)
+        if isinstance(c, np.ndarray) and c.nbytes > SHARED_CONST_BYTES else c
+        for c in consts
+    )
+
+
 def block_partials(
     kernel: Callable[..., np.ndarray],
     x: da.Array,
@@ -129,8 +149,8 @@ def block_partials(
     """
     nb = x.numblocks[0]
     cols = [a[:, None] for a in aligned]
-    kwargs = dict(kernel=kernel, n_aligned=len(cols), consts=tuple(consts), dtype=dtype,
-                  kernel_kwargs=kernel_kwargs)
+    kwargs = dict(kernel=kernel, n_aligned=len(cols), consts=shared_consts(consts),
+                  dtype=dtype, kernel_kwargs=kernel_kwargs)
     chunks = ((1,) * nb, *[(s,) for s in out_shape])
     ndim = 1 + len(out_shape)
     if ndim == 1:
@@ -163,7 +183,7 @@ def block_rows(
     cols = [a[:, None] for a in aligned]
     return da.map_blocks(
         _call_rows, x, *cols, chunks=((np.nan,) * nb, (width,)), dtype=dtype,
-        kernel=kernel, n_aligned=len(cols), consts=tuple(consts),
+        kernel=kernel, n_aligned=len(cols), consts=shared_consts(consts),
     )
 
 
