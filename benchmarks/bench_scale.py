@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -33,33 +35,46 @@ REPO = Path(__file__).resolve().parents[1]
 SCALABLE = ("load", "clean", "eda", "kmeans_raw", "reduce", "kmeans_pca", "evaluate")
 
 
-def tree_rss(root: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants."""
-    total = 0
+def tree_rss(root: psutil.Process) -> dict[int, int]:
+    """Resident bytes of a process and each of its descendants, by pid."""
+    out = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            total += proc.memory_info().rss
+            out[proc.pid] = proc.memory_info().rss
         except psutil.Error:
             pass
-    return total
+    return out
 
 
-def run_measured(command: list[str], log: Path) -> tuple[int, float, int]:
-    """Run ``command``; return (exit code, wall seconds, peak tree RSS bytes)."""
+def run_measured(command: list[str], log: Path) -> tuple[int, float, int, dict]:
+    """Run ``command``; return (exit code, wall seconds, peak tree RSS bytes, memory trace).
+
+    The trace has the sampled timeline (wall-clock time, tree RSS) and, at the peak, the
+    RSS of the command's own process (client and, for a LocalCluster, the scheduler) and
+    of its children (nannies, workers).
+    """
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
     peak = 0
+    trace: dict = {"timeline": [], "at_peak": {}}
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
             try:
-                peak = max(peak, tree_rss(root))
+                by_pid = tree_rss(root)
             except psutil.Error:
-                pass
+                by_pid = {}
+            total = sum(by_pid.values())
+            trace["timeline"].append((time.time(), total))
+            if total > peak:
+                peak = total
+                trace["at_peak"] = {"client_and_scheduler": by_pid.get(proc.pid, 0),
+                                    "children": sorted(v for k, v in by_pid.items()
+                                                       if k != proc.pid)}
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -67,7 +82,24 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, int]:
     code = proc.wait()
     stop.set()
     sampler.join()
-    return code, time.perf_counter() - start, peak
+    return code, time.perf_counter() - start, peak, trace
+
+
+def stage_peaks(run_log: Path, timeline: list[tuple[float, int]]) -> dict[str, float]:
+    """Peak tree RSS (GiB) during each stage, from the run log's start/done lines."""
+    spans: dict[str, list[float]] = {}
+    for line in run_log.read_text().splitlines():
+        m = re.match(r"(\S+Z) INFO +\[(\w+)\] (started|done)", line)
+        if m:
+            t = datetime.fromisoformat(m[1].replace("Z", "+00:00")).timestamp()
+            spans.setdefault(m[2], []).append(t)
+    peaks = {}
+    for stage, (t0, *rest) in spans.items():
+        t1 = rest[-1] if rest else t0
+        inside = [rss for t, rss in timeline if t0 <= t <= t1]
+        if inside:
+            peaks[stage] = round(max(inside) / 2**30, 2)
+    return peaks
 
 
 def main() -> int:
@@ -91,11 +123,11 @@ def main() -> int:
             # Exact silhouette is O(n^2): benchmarked apart (bench_core); here the sampled one.
             "scores: {silhouette: sampled, silhouette_sample_size: 10000}\n"
         )
-        code, aug_seconds, aug_peak = run_measured([*cli, "augment", str(job)],
+        code, aug_seconds, aug_peak, _ = run_measured([*cli, "augment", str(job)],
                                                    work / f"augment-x{factor}.log")
         if code:
             raise SystemExit(f"augment x{factor} failed: see {work}/augment-x{factor}.log")
-        code, seconds, peak = run_measured(
+        code, seconds, peak, trace = run_measured(
             [*cli, "run", str(job), "--out", str(work / "runs"), "--run-name", f"x{factor}"],
             work / f"run-x{factor}.log")
         if code:
@@ -110,6 +142,11 @@ def main() -> int:
             "peak_rss_gib": round(peak / 2**30, 2),
             "scalable_seconds": round(sum(stages.get(s, 0) for s in SCALABLE), 1),
             "stages": stages,
+            "stage_peak_rss_gib": stage_peaks(
+                work / "runs" / f"x{factor}" / "run.log", trace["timeline"]),
+            "at_peak_gib": {
+                "client_and_scheduler": round(trace["at_peak"]["client_and_scheduler"] / 2**30, 2),
+                "children": [round(v / 2**30, 2) for v in trace["at_peak"]["children"]]},
             "scores": metrics[["silhouette", "acc", "nmi", "ari"]].round(4).to_dict("index"),
             "load_avg_1m": os.getloadavg()[0],
         }
@@ -126,10 +163,12 @@ def main() -> int:
               f" | {r['scalable_rows_per_second']:,} | {r['peak_rss_gib']}"
               f" | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f} |")
     names = list(rows[-1]["stages"])
-    print("\n| stage | " + " | ".join(f"{r['factor']}x s" for r in rows) + " |")
+    print("\n| stage | " + " | ".join(f"{r['factor']}x s (peak GiB)" for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for name in names:
-        print(f"| {name} | " + " | ".join(str(r["stages"].get(name, "")) for r in rows) + " |")
+        print(f"| {name} | " + " | ".join(
+            f"{r['stages'].get(name, '')} ({r['stage_peak_rss_gib'].get(name, '')})"
+            for r in rows) + " |")
     return 0
 
 
