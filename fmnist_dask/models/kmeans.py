@@ -251,11 +251,12 @@ def _k_moves(
 
 
 def _k_step(
-    xb: np.ndarray, state: np.ndarray | None, consts: tuple, k: int
+    xb: np.ndarray, *args: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """One Lloyd step of a block: the new state and the moves it causes, in one task.
 
-    ``consts`` are the arguments of :func:`_k_bounded_assign` after the state.
+    ``args`` are the previous state's block (absent on the first step), then ``consts``
+    (the arguments of :func:`_k_bounded_assign` after the state) and ``k``.
 
     One task per block means one reader of the block: when X is computed on the fly
     (pixels scaled from persisted uint8), its float32 block lives only while this task
@@ -263,9 +264,10 @@ def _k_step(
     kept every scaled block of the pass in memory between them (measured: workers up to
     2.7 GiB each at 1.12 million rows).
     """
+    *old, consts, k = args  # no state on the first step
+    xb, state = _one(xb), (_one(old[0]) if old else None)
     new = _k_bounded_assign(xb, state, *consts)
-    runs = consts[6]
-    return new, _k_moves(xb, state, new, k, runs)
+    return new, _k_moves(xb, state, new, k, consts[6])
 
 
 def _k_run_inertia(
@@ -320,23 +322,41 @@ def _half_gaps(centers: np.ndarray) -> np.ndarray:
     return 0.5 * np.sqrt(np.maximum(d2.min(axis=1), 0.0))
 
 
+def _state_of(step: tuple) -> np.ndarray:
+    return step[0]
+
+
+def _moves_of(step: tuple) -> np.ndarray:
+    return step[1].reshape(1, -1)
+
+
 def _lloyd_step(
     X: da.Array, state: da.Array | None, consts: tuple, width: int, k: int
 ) -> tuple[da.Array, da.Array]:
-    """The lazy new state (n, width) and per-block moves (n_blocks, runs * k, d + 1) of
-    one Lloyd step, computed by one :func:`_k_step` task per block of X."""
+    """The lazy new state (n, width) and per-block moves (n_blocks, runs * k * (d + 1)) of
+    one Lloyd step, computed by one :func:`_k_step` task per block of X.
+
+    The step's blocks are (state, moves) pairs; two light tasks per block take them apart.
+    X has the step as its only reader, so a lazily computed X (scaled pixels) is fused into
+    the step task and never held between tasks.
+    """
     runs = consts[6]
     d = X.shape[1]
-    xs = X.to_delayed().ravel()
-    olds = [None] * len(xs) if state is None else state.to_delayed().ravel()
-    step = dask.delayed(_k_step, nout=2, pure=True)
-    shared = dask.delayed(consts, pure=True, traverse=False)  # one copy in the graph
-    news, moves = [], []
-    for xb, old, rows in zip(xs, olds, X.chunks[0], strict=True):
-        new_b, moves_b = step(xb, old, shared, k)
-        news.append(da.from_delayed(new_b, (rows, width), dtype=np.float64))
-        moves.append(da.from_delayed(moves_b, (1, runs * k, d + 1), dtype=np.float64))
-    return da.concatenate(news), da.concatenate(moves)
+    # Same index for X and the state (one column block each, different widths, so no
+    # alignment): no contracted index, which lets dask fuse a lazy X into the step.
+    old = () if state is None else (state, "ij")
+    step = da.blockwise(
+        _k_step, "ij", X, "ij", *old, consts, None, k, None,
+        adjust_chunks={"j": width}, align_arrays=False, dtype=np.float64,
+        meta=np.empty((0, 0), dtype=np.float64),
+    )
+    new = step.map_blocks(_state_of, dtype=np.float64, meta=np.empty((0, 0)))
+    # moves flattened to one row per block (same number of dimensions as the step)
+    parts = step.map_blocks(
+        _moves_of, chunks=((1,) * X.numblocks[0], (runs * k * (d + 1),)), dtype=np.float64,
+        meta=np.empty((0, 0)),
+    )
+    return new, parts
 
 
 # --- the estimator --------------------------------------------------------------------
@@ -552,29 +572,30 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             self.split_every,
         )
         self.n_candidates_ = 0
+        if isinstance(self.init, str) and self.init not in ("k-means||", "random"):
+            raise ValueError(f"unknown init {self.init!r}: use 'k-means||', 'random' or an array")
+        # A pass of its own: sharing one with k-means||'s first distances gave X two readers,
+        # and a lazily computed X (scaled pixels) was then held whole in worker memory.
+        m = moments.compute()
         if isinstance(self.init, str) and self.init == "k-means||":
-            starts, m = self._kmeans_parallel(X, first, moments, rs)
-        elif isinstance(self.init, str) and self.init == "random":
+            starts = self._kmeans_parallel(X, first, rs)
+        elif isinstance(self.init, str):
             starts = np.stack([
                 self._take_rows(X, rs.choice(n, size=k, replace=False))
                 for _ in range(self._n_init)
             ])
-            m = moments.compute()
-        elif isinstance(self.init, str):
-            raise ValueError(f"unknown init {self.init!r}: use 'k-means||', 'random' or an array")
         else:
             start = np.asarray(self.init, dtype=np.float64)
             if start.shape != (k, d):
                 raise ValueError(f"init array must have shape ({k}, {d}), got {start.shape}")
             starts = start[None]
-            m = moments.compute()
         mean_shift = m[0] / n
         variances = m[1] / n - mean_shift**2
         return starts, variances
 
     def _kmeans_parallel(
-        self, X: da.Array, first: np.ndarray, moments: da.Array, rs: np.random.RandomState,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, X: da.Array, first: np.ndarray, rs: np.random.RandomState,
+    ) -> np.ndarray:
         """k-means|| (Bahmani et al. 2012): oversample candidates, weight, reduce to k."""
         k = self.n_clusters
         ell = self.oversampling_factor * k
@@ -582,8 +603,8 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         cand = first.astype(X.dtype)
         d2 = X.map_blocks(_k_min_sqdist, cand, drop_axis=1, dtype=np.float64)
         # d2 (one float per row) stays on the workers between rounds; only phi comes back.
-        d2, m = dask.persist(d2, moments)
-        phi, m = dask.compute(d2.sum(), m)
+        d2 = d2.persist()
+        phi = float(d2.sum().compute())
         chosen = [cand]
         for r in range(self.init_rounds):
             if phi <= 0:  # every row coincides with a candidate
@@ -620,7 +641,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                         random_state=int(rs.randint(_SEED_MAX)))
             km.fit(candidates.astype(np.float64), sample_weight=weights)
             starts.append(km.cluster_centers_)
-        return np.stack(starts), m
+        return np.stack(starts)
 
     def _lloyd(
         self, X: da.Array, starts: np.ndarray, tol: float
