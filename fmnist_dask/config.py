@@ -143,6 +143,26 @@ class SpectralSpec(_Strict):
     extension_neighbors: int = Field(default=10, ge=1)
 
 
+class ManifoldSpec(_Strict):
+    """``manifold-gmm``: patch-dictionary features -> PCA -> UMAP -> Gaussian mixture on the
+    sample's images, every other row by a k-NN vote (issue 8; docs/quality.md).
+
+    Off in the default job: on all 70,000 images it costs more than the rest of the job
+    together (``jobs/fashion_mnist_manifold.yaml`` turns it on).
+    """
+
+    enabled: bool = False
+    n_clusters: int = Field(default=10, ge=2)
+    n_atoms: int = Field(default=128, ge=2)
+    patch_size: int = Field(default=6, ge=2, le=28)
+    pool: int = Field(default=2, ge=1, le=7)
+    n_pca: int = Field(default=50, ge=2)
+    n_neighbors: int = Field(default=20, ge=2)
+    n_components: int = Field(default=10, ge=2)
+    n_init: int = Field(default=3, ge=1)
+    extension_neighbors: int = Field(default=10, ge=1)
+
+
 class TSNESpec(_Strict):
     """2-D t-SNE map of the sample (openTSNE)."""
 
@@ -187,6 +207,7 @@ class JobSpec(_Strict):
     sample: SampleSpec = SampleSpec()
     gmm: GMMSpec = GMMSpec()
     spectral: SpectralSpec = SpectralSpec()
+    manifold: ManifoldSpec = ManifoldSpec()
     tsne: TSNESpec = TSNESpec()
     scores: ScoreSpec = ScoreSpec()
     cluster: ClusterRef = ClusterRef()

@@ -91,7 +91,8 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
                                            images=centres)
                     results.append(result)
                     record.update(result.scores)
-            needs_sample = spec.gmm.enabled or spec.spectral.enabled or spec.tsne.enabled
+            needs_sample = (spec.gmm.enabled or spec.spectral.enabled or spec.tsne.enabled
+                            or spec.manifold.enabled)
             if needs_sample:
                 with run.stage("sample", log) as record:
                     sample = cluster.draw_sample(spaces["pca"], spec.sample.size, spec.seed)
@@ -104,6 +105,10 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
                 with run.stage("spectral", log) as record:
                     results.append(cluster.spectral(spaces["pca"], sample, spec.spectral,
                                                     spec.seed))
+                    record.update(results[-1].scores)
+            if spec.manifold.enabled:
+                with run.stage("manifold_gmm", log) as record:
+                    results.append(cluster.manifold(pixels, sample, spec.manifold, spec.seed))
                     record.update(results[-1].scores)
             if spec.tsne.enabled:
                 with run.stage("tsne", log) as record:

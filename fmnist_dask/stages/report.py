@@ -54,13 +54,17 @@ METHOD_TEXT = {
            "is then assigned its most likely component, block by block.",
     "spectral": "Spectral clustering of a k-nearest-neighbour graph of a sample of the PCA "
                 "projection; the other rows take the clusters of their nearest sampled rows.",
+    "manifold_gmm": "Patch-dictionary image features, PCA to 50, a UMAP manifold and a Gaussian "
+                    "mixture fitted on the sample's images on one worker; the other rows take "
+                    "the clusters of their nearest sampled rows.",
 }
 STAGE_TEXT = {
     "load": "read the input files", "clean": "validate and drop exact duplicates",
     "eda": "summaries and figures of the data", "kmeans_raw": "k-means on pixels",
     "reduce": "PCA", "kmeans_pca": "k-means on the PCA projection",
     "sample": "draw the sample for the sample-based models", "gmm": "Gaussian mixture",
-    "spectral": "spectral clustering", "tsne": "t-SNE map of the sample",
+    "spectral": "spectral clustering", "manifold_gmm": "UMAP manifold + Gaussian mixture",
+    "tsne": "t-SNE map of the sample",
     "evaluate": "scores, assignments, figures", "report": "this page",
 }
 
