@@ -101,10 +101,12 @@ class TSNEEmbedding(BaseEstimator):
         Effective number of neighbours (as scikit-learn's default).
     early_exaggeration_iter : int, default=250
         Iterations with exaggerated attraction (as scikit-learn).
-    n_iter : int, default=500
-        Iterations after the exaggeration phase (openTSNE's default; scikit-learn runs 750).
-        On the 70,000 Fashion-MNIST rows, 500 and 750 gave the same trustworthiness
-        (0.99629 and 0.99628 on 5,000 points) and 500 took two thirds of the time.
+    n_iter : int, default=300
+        Iterations after the exaggeration phase (openTSNE's default is 500; scikit-learn
+        runs 750). On the 70,000 Fashion-MNIST rows (PCA-10) with ``ints_in_interval=4``,
+        300 gave trustworthiness 0.99633 on 5,000 points (500: 0.99599; scikit-learn's
+        TSNE: 0.99621) in 33 s instead of 52 s; the final KL divergence is higher (2.69 vs
+        2.62), i.e. the map is a little less relaxed, its neighbourhoods as faithful.
     learning_rate : float or "auto", default="auto"
         ``"auto"`` is ``n / 12`` (the same step as scikit-learn's ``"auto"``, whose gradient
         carries an extra factor 4).
@@ -116,6 +118,11 @@ class TSNEEmbedding(BaseEstimator):
         ``"fft"``: FFT-accelerated interpolation (linear in ``n``); ``"bh"``: Barnes-Hut;
         ``"auto"`` (openTSNE's rule): FFT from 10,000 points, Barnes-Hut below, where the
         FFT grid's fixed cost dominates.
+    ints_in_interval : float, default=4.0
+        Embedding units per FFT interpolation interval (openTSNE's default is 1). The
+        gradient's cost follows the number of grid cells, which grows with the embedding's
+        spread as it expands: at 70,000 rows 1 -> 2 -> 4 took 97 -> 64 -> 52 s (500
+        iterations) for trustworthiness 0.99651 -> 0.99629 -> 0.99599.
     initialization : str, default="pca"
         Start from the scaled first two principal components (as scikit-learn).
     transform_perplexity : float, default=5
@@ -146,10 +153,11 @@ class TSNEEmbedding(BaseEstimator):
         *,
         perplexity: float = 30.0,
         early_exaggeration_iter: int = 250,
-        n_iter: int = 500,
+        n_iter: int = 300,
         learning_rate: float | str = "auto",
         neighbors: str = "exact",
         negative_gradient_method: str = "auto",
+        ints_in_interval: float = 4.0,
         initialization: str = "pca",
         transform_perplexity: float = 5.0,
         transform_n_iter: int = 250,
@@ -163,6 +171,7 @@ class TSNEEmbedding(BaseEstimator):
         self.learning_rate = learning_rate
         self.neighbors = neighbors
         self.negative_gradient_method = negative_gradient_method
+        self.ints_in_interval = ints_in_interval
         self.initialization = initialization
         self.transform_perplexity = transform_perplexity
         self.transform_n_iter = transform_n_iter
@@ -195,6 +204,7 @@ class TSNEEmbedding(BaseEstimator):
             learning_rate=self.learning_rate,
             neighbors=self.neighbors,
             negative_gradient_method=self.negative_gradient_method,
+            ints_in_interval=self.ints_in_interval,
             initialization=self.initialization,
             n_jobs=self.n_jobs,
             random_state=self.random_state,  # openTSNE takes an int or a RandomState
