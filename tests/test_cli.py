@@ -158,7 +158,7 @@ def test_manifold_job_adds_the_manifold_gmm_method_to_every_row(tmp_path, real_a
              "spectral": {"enabled": False}, "tsne": {"enabled": False},
              "sample": {"size": 2500}}  # 2,500 of 3,000 rows fitted, 500 by the vote
     job = tmp_path / "manifold.yaml"
-    job.write_text(yaml.safe_dump(spec))
+    job.write_text(yaml.safe_dump(spec, sort_keys=False))
     data = _subset(tmp_path, real_arrays, n_train=2500, n_test=500)
     out = tmp_path / "outputs"
     result = cli("run", str(job), "--data", str(data), "--out", str(out), "--run-name", "m")
@@ -170,7 +170,10 @@ def test_manifold_job_adds_the_manifold_gmm_method_to_every_row(tmp_path, real_a
     metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")
     assert list(metrics.index) == ["kmeans_raw", "kmeans_pca", "manifold_gmm"]
     assignments = pd.read_parquet(run / "assignments").sort_values("row_id")
-    labels = np.concatenate([real_arrays["train"][1][:2500], real_arrays["test"][1][:500]])
+    for split, n in (("train", 2500), ("test", 500)):  # the evaluation labels are the real ones
+        np.testing.assert_array_equal(
+            assignments.loc[assignments["split"] == split, "label"], real_arrays[split][1][:n])
+    labels = assignments["label"].to_numpy()
     predicted = assignments["manifold_gmm"].to_numpy()
     assert set(predicted) == set(range(10))
     nmi = normalized_mutual_info_score(labels, predicted)
