@@ -100,10 +100,11 @@ SHARED_CONST_BYTES = 1 << 20
 def shared_consts(consts: tuple) -> tuple:
     """``consts`` with every large numpy array turned into a single graph key.
 
-    A constant inside a task is shipped and held once per task: a worker that is handed
-    its 56 tasks of a pass holds 56 copies (measured: the sampled silhouette's 10,000 x
-    784 sample, 31 MB, took workers to 2.8 GiB each at 1.12 million rows). As a key it
-    travels once per worker and is shared by the tasks there.
+    A constant inside a task is shipped and held once per task: a worker handed its 56
+    tasks of a pass can hold 56 copies (e.g. the sampled silhouette's 10,000 x 784 sample,
+    31 MB). As a key it travels once per worker and is shared by the tasks there. (This
+    did not lower the evaluate stage's 5.9 GiB peak at 1.12 million rows, whose cause is
+    still open; see docs/benchmarks.md.)
     """
     return tuple(
         dask.delayed(c, pure=True)
