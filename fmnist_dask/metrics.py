@@ -31,6 +31,7 @@ from fmnist_dask._blocks import (
     scratch,
     tree_sum,
 )
+from fmnist_dask.sampling import take_rows
 
 # --- inertia ---------------------------------------------------------------------------
 
@@ -339,7 +340,7 @@ def silhouette_sampled(
     if m < 2:
         raise ValueError("sample_size must be at least 2")
     rows = np.sort(check_random_state(random_state).choice(n, size=m, replace=False))
-    sample, sample_labels = dask.compute(X[rows], labels[rows])
+    sample, sample_labels = dask.compute(take_rows(X, rows), take_rows(labels, rows))
     parts = block_partials(
         _k_sample_sums, X, labels, consts=(np.asarray(sample), k, dtype), out_shape=(m, k),
     )

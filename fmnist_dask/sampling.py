@@ -1,8 +1,9 @@
 """Reproducible uniform row samples of a dask array, drawn without gathering the data.
 
 The row indices are chosen on the client from the number of rows alone (cheap: only
-``size`` integers), then the rows are taken from the blocks on the workers with dask's
-sorted fancy indexing, which selects rows block by block, so only the sampled rows travel.
+``size`` integers), then each block's selected rows are taken on the workers by one task
+per block, fused with whatever produced the block, so only the sampled rows travel and no
+block is held whole.
 The same indices take the same rows from any other array aligned with the data (row ids,
 labels), whatever its chunking.
 """
@@ -106,8 +107,23 @@ def take_rows(X: da.Array, indices: np.ndarray) -> da.Array:
         raise ValueError("indices must be sorted and unique")
     if indices.size == X.shape[0]:
         return X  # every row: nothing to select
-    # Sorted indices make dask select within each block (no global shuffle of the data).
-    return X[indices]
+    # Not X[indices]: dask's fancy indexing shuffles, and on a derived array (the lazily
+    # scaled pixels) the scheduler then held every input block at once (748 MB of 878 MB
+    # at 280,000 rows: the 16x evaluate peak). One blockwise task per block fuses with the
+    # block's producer instead.
+    bounds = np.cumsum((0, *X.chunks[0]))
+    cuts = np.searchsorted(indices, bounds)
+    counts = tuple(int(c) for c in np.diff(cuts))
+    local = da.from_array(indices - np.repeat(bounds[:-1], counts), chunks=(counts,))
+    axes = tuple(range(X.ndim))
+    return da.blockwise(
+        _select_rows, axes, X, axes, local, (0,), dtype=X.dtype, align_arrays=False,
+        adjust_chunks={0: counts}, meta=X._meta,
+    )
+
+
+def _select_rows(block: np.ndarray, local_rows: np.ndarray) -> np.ndarray:
+    return block[local_rows]
 
 
 def uniform_row_sample(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
+from dask.utils import key_split
 from scipy import stats
 from sklearn.datasets import make_blobs
 from sklearn.decomposition import PCA
@@ -85,6 +87,21 @@ def test_sample_is_taken_on_the_workers_and_matches_numpy(dask_client, projected
     np.testing.assert_array_equal(take_rows(dlabels, indices).compute(), labels[indices])
     again, _ = uniform_row_sample(dX, size=1234, random_state=5)
     np.testing.assert_array_equal(indices, again)
+
+
+def test_rows_are_taken_inside_each_block_of_a_derived_array():
+    # dask's X[indices] shuffles; on lazily scaled pixels that held every block at once
+    # (the 16x evaluate peak). take_rows must be one task per block, fused with its producer.
+    x = np.arange(600, dtype=np.float32).reshape(200, 3)
+    derived = da.from_array(x, chunks=(30, 3)) * 2
+    indices = np.array([0, 29, 30, 95, 199])
+    taken = take_rows(derived, indices)
+    np.testing.assert_array_equal(taken.compute(), x[indices] * 2)
+    assert taken.chunks[0] == (2, 1, 0, 1, 0, 0, 1)  # empty blocks stay empty
+    (optimized,) = dask.optimize(taken)
+    names = {key_split(k) for k in optimized.__dask_graph__()}
+    assert not any("shuffle" in name for name in names), names
+    assert "mul" not in names  # the scaling ran inside the selecting task
 
 
 def test_whole_data_when_size_reaches_the_rows(projected):

@@ -41,6 +41,7 @@ from fmnist_dask._blocks import (
     tree_sum,
     validate_rows,
 )
+from fmnist_dask.sampling import take_rows
 
 
 def _sqnorms(c: np.ndarray) -> np.ndarray:
@@ -546,7 +547,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         return int(self.n_init)
 
     def _take_rows(self, X: da.Array, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(X[np.sort(rows)].compute())
+        return np.asarray(take_rows(X, np.sort(rows)).compute())
 
     def _init_centers(
         self, X: da.Array, rs: np.random.RandomState
