@@ -196,8 +196,9 @@ class JobSpec(_Strict):
     output_dir: str = "outputs"
     #: Keep the cleaned pixels (uint8) in worker memory when they take at most this many
     #: bytes (and a quarter of the workers' memory); larger data streams from parquet, so
-    #: memory stays flat as the data grows.
-    persist_max_bytes: int = Field(default=1 << 30, ge=0)
+    #: memory stays flat as the data grows. 256 MiB keeps up to ~4x Fashion-MNIST; raise it
+    #: to trade memory for speed (docs/benchmarks.md has 16x measured both ways).
+    persist_max_bytes: int = Field(default=256 << 20, ge=0)
     augment: AugmentSpec = AugmentSpec()
     data: DataSpec = DataSpec()
     clean: CleanSpec = CleanSpec()
