@@ -125,6 +125,12 @@ class Running:
             self.proc.wait(timeout=30)
 
 
+def _default_sigint() -> None:
+    # A shell starting pytest in the background without job control makes SIGINT ignored,
+    # and ignored dispositions are inherited: the CLI must see Ctrl-C as a user's shell sends it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_run(tmp: Path, job: Path, out: Path, name: str, *args: str,
               tty: bool = False) -> Running:
     """Start ``fmnist-dask run`` with stderr on a pseudo-terminal (``tty``) or in a file."""
@@ -136,11 +142,13 @@ def start_run(tmp: Path, job: Path, out: Path, name: str, *args: str,
             stderr_path = tmp / f"{name}.stderr"
             with open(stderr_path, "wb") as stderr:
                 proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout,
-                                        stderr=stderr, start_new_session=True, env=BASE_ENV)
+                                        stderr=stderr, start_new_session=True, env=BASE_ENV,
+                                        preexec_fn=_default_sigint)
             return Running(proc, out, name, stdout_path, stderr_path)
         master, slave = pty.openpty()
         proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=slave, start_new_session=True, env=BASE_ENV)
+                                stderr=slave, start_new_session=True, env=BASE_ENV,
+                                preexec_fn=_default_sigint)
     os.close(slave)
     running = Running(proc, out, name, stdout_path, None)
 
