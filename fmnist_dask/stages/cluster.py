@@ -120,7 +120,12 @@ def draw_sample(projected: da.Array, size: int | None, seed: int) -> Sample:
     return Sample(indices=indices, rows=rows.rechunk({0: -1}).persist())
 
 
-def _on_worker(func, *args, **kwargs):
+def one_block(x: da.Array) -> Any:
+    """``x`` as a single delayed block, to hand whole to a task on a worker."""
+    return x.rechunk({0: -1}).to_delayed().ravel()[0]
+
+
+def on_worker(func, *args, **kwargs):
     """Run ``func`` on a worker (where the sample lives); return its small result."""
     return dask.delayed(func, pure=False)(*args, **kwargs).compute()
 
@@ -128,10 +133,10 @@ def _on_worker(func, *args, **kwargs):
 def gmm(projected: da.Array, sample: Sample, spec: GMMSpec, seed: int) -> ClusterResult:
     """Gaussian mixture fitted on the sample on a worker; every row assigned per block."""
     start = time.perf_counter()
-    rows = sample.rows.to_delayed().ravel()[0]
-    model = _on_worker(fit_gmm, rows, n_components=spec.n_components,
+    rows = one_block(sample.rows)
+    model = on_worker(fit_gmm, rows, n_components=spec.n_components,
                        covariance_type=spec.covariance_type, random_state=seed)
-    summary = _on_worker(gmm_summary, model, rows)
+    summary = on_worker(gmm_summary, model, rows)
     labels = predict_blocks(model, projected).persist()
     da.compute(labels.sum())
     return ClusterResult(
@@ -153,8 +158,8 @@ def spectral(projected: da.Array, sample: Sample, spec: SpectralSpec, seed: int
              ) -> ClusterResult:
     """Spectral clustering of the sample on a worker; other rows by a k-NN vote per block."""
     start = time.perf_counter()
-    rows = sample.rows.to_delayed().ravel()[0]
-    sample_labels = _on_worker(_fit_spectral, rows, spec, seed)
+    rows = one_block(sample.rows)
+    sample_labels = on_worker(_fit_spectral, rows, spec, seed)
     extension = KNeighborsExtension(n_neighbors=spec.extension_neighbors).fit(
         sample.rows.compute(), sample_labels, sample_indices=sample.indices
     )
@@ -183,8 +188,8 @@ def manifold(pixels: da.Array, sample: Sample, spec: ManifoldSpec, seed: int) ->
     sample-based methods, so that the scores compare.
     """
     start = time.perf_counter()
-    images = take_rows(pixels, sample.indices).rechunk({0: -1}).to_delayed().ravel()[0]
-    model = _on_worker(_fit_manifold, images, sample.indices, spec, seed)
+    images = one_block(take_rows(pixels, sample.indices))
+    model = on_worker(_fit_manifold, images, sample.indices, spec, seed)
     labels = model.predict(pixels).astype(np.int32).persist()
     da.compute(labels.sum())
     return ClusterResult(

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 
@@ -19,7 +18,7 @@ from fmnist_dask.artefacts import write_aligned_parquet
 from fmnist_dask.config import TSNESpec
 from fmnist_dask.models.tsne import TSNEEmbedding, subsample_trustworthiness
 from fmnist_dask.sampling import take_rows
-from fmnist_dask.stages.cluster import Sample
+from fmnist_dask.stages.cluster import Sample, on_worker, one_block
 
 EMBEDDING_DIR = "embedding"
 
@@ -50,8 +49,7 @@ def tsne(projected: da.Array, sample: Sample, row_id: da.Array, spec: TSNESpec, 
         5,000 sample points) and ``fit_seconds``.
     """
     start = time.perf_counter()
-    rows = sample.rows.to_delayed().ravel()[0]
-    model = dask.delayed(_fit, pure=False)(rows, spec, seed).compute()
+    model = on_worker(_fit, one_block(sample.rows), spec, seed)
     fit_seconds = time.perf_counter() - start
     if spec.embed_all:
         ids = row_id
