@@ -59,8 +59,10 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
                               pixel_std=manifest["eda"]["pixel_std"])
 
         pixels = data.pixels
-        if data.raw_pixels.nbytes <= min(spec.persist_max_bytes,
-                                         PERSIST_SHARE * _worker_memory(session.description)):
+        keep = data.raw_pixels.nbytes <= min(spec.persist_max_bytes,
+                                             PERSIST_SHARE * _worker_memory(session.description))
+        manifest["pixels"] = {"bytes": int(data.raw_pixels.nbytes), "in_worker_memory": keep}
+        if keep:
             # Read once and keep the uint8 pixels (a quarter of float32) in worker memory:
             # k-means and PCA pass over them many times; each pass rescales block by block.
             data.raw_pixels = data.raw_pixels.persist()

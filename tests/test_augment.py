@@ -97,3 +97,13 @@ def test_job_runs_end_to_end_on_augmented_csv_shards(tmp_path, real_dir):
     metrics = pd.read_parquet(tmp_path / "runs" / "aug" / "metrics.parquet")
     assert set(metrics["method"]) == {"kmeans_raw", "kmeans_pca", "gmm", "spectral"}
     assert (metrics["nmi"] > 0.3).all()  # real structure survives the augmentation
+    assert manifest["pixels"] == {"bytes": 2000 * 784, "in_worker_memory": True}
+    # Above persist_max_bytes the pixels stream from parquet on every pass: same results.
+    job.write_text(job.read_text() + "persist_max_bytes: 0\n")
+    result = cli("run", str(job), "--out", str(tmp_path / "runs"), "--run-name", "streamed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    streamed = json.loads((tmp_path / "runs" / "streamed" / "manifest.json").read_text())
+    assert streamed["pixels"]["in_worker_memory"] is False
+    kept, read = (pd.read_parquet(tmp_path / "runs" / name / "assignments").sort_values("row_id")
+                  for name in ("aug", "streamed"))
+    pd.testing.assert_frame_equal(kept.reset_index(drop=True), read.reset_index(drop=True))
