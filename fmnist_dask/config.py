@@ -144,8 +144,9 @@ class SpectralSpec(_Strict):
 
 
 class ManifoldSpec(_Strict):
-    """``manifold-gmm``: patch-dictionary features -> PCA -> UMAP -> Gaussian mixture on the
-    sample's images, every other row by a k-NN vote (issue 8; docs/quality.md).
+    """``manifold-gmm``: patch-dictionary features -> shift-invariant projection -> UMAP ->
+    Gaussian mixture on the sample's images, every other row by a k-NN vote (issue 8;
+    docs/quality.md).
 
     Off in the default job: on all 70,000 images it costs more than the rest of the job
     together (``jobs/fashion_mnist_manifold.yaml`` turns it on).
@@ -156,7 +157,9 @@ class ManifoldSpec(_Strict):
     n_atoms: int = Field(default=128, ge=2)
     patch_size: int = Field(default=6, ge=2, le=28)
     pool: int = Field(default=2, ge=1, le=7)
-    n_pca: int = Field(default=50, ge=2)
+    n_pca: int = Field(default=30, ge=2)
+    max_shift: int = Field(default=2, ge=0, le=8)
+    n_view_pca: int = Field(default=256, ge=2)
     n_neighbors: int = Field(default=20, ge=2)
     n_components: int = Field(default=10, ge=2)
     n_init: int = Field(default=3, ge=1)

@@ -104,3 +104,59 @@ def test_patch_features_match_the_definition_and_run_per_block(subset):
     blocks = feat.transform(da.from_array(X[:300], chunks=(70, 784)))
     assert blocks.chunks == ((70, 70, 70, 70, 20), (144,))
     np.testing.assert_allclose(blocks.compute(), F, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_views_move_each_image_by_one_offset_within_the_bound():
+    from fmnist_dask.models.manifold import shifted_views
+
+    n, side, bound = 400, 9, 2
+    images = np.zeros((n, side, side), dtype=np.float32)
+    images[:, 4, 4] = 1.0  # one lit pixel in the middle: its new place is the offset
+    moved = shifted_views(images.reshape(n, -1), bound, (side, side),
+                          np.random.RandomState(0)).reshape(n, side, side)
+    assert moved.sum(axis=(1, 2)).tolist() == [1.0] * n  # nothing lost at this bound
+    rows, cols = np.divmod(np.nonzero(moved.reshape(n, -1))[1], side)
+    assert rows.min() == 4 - bound and rows.max() == 4 + bound
+    assert cols.min() == 4 - bound and cols.max() == 4 + bound
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == (2 * bound + 1) ** 2
+    again = shifted_views(images.reshape(n, -1), bound, (side, side), np.random.RandomState(0))
+    np.testing.assert_array_equal(again, moved.reshape(n, -1))
+    # Any image: each output is the image moved by one offset, cut at the border, zero-filled
+    # (reference straight from the definition, one pixel at a time).
+    pictures = np.random.default_rng(1).random((20, side, side)).astype(np.float32)
+    out = shifted_views(pictures.reshape(20, -1), 3, (side, side), np.random.RandomState(1))
+
+    def moved_by(img: np.ndarray, oy: int, ox: int) -> np.ndarray:
+        ref = np.zeros_like(img)
+        for r in range(side):
+            for c in range(side):
+                if 0 <= r + oy < side and 0 <= c + ox < side:
+                    ref[r, c] = img[r + oy, c + ox]
+        return ref
+
+    for img, got in zip(pictures, out.reshape(20, side, side), strict=True):
+        assert any(np.array_equal(got, moved_by(img, oy, ox))
+                   for oy in range(-3, 4) for ox in range(-3, 4))
+
+
+def test_view_invariant_projection_keeps_what_the_views_share():
+    from fmnist_dask.models.manifold import view_invariant_projection
+
+    rng = np.random.default_rng(0)
+    n = 5_000
+    shared = rng.normal(size=(n, 3)) * [3.0, 2.0, 1.0]
+    # 3 shared coordinates; 5 coordinates of pure view noise with larger variance.
+    view1 = np.hstack([shared + 0.1 * rng.normal(size=(n, 3)), 5 * rng.normal(size=(n, 5))])
+    view2 = np.hstack([shared + 0.1 * rng.normal(size=(n, 3)), 5 * rng.normal(size=(n, 5))])
+    mix = np.linalg.qr(rng.normal(size=(8, 8)))[0]  # hide the split in a random basis
+    mean, components, corr = view_invariant_projection(view1 @ mix, view2 @ mix, 3, 8, 0)
+    assert components.shape == (3, 8) and mean.shape == (8,)
+    assert np.all(np.diff(corr) <= 0) and corr.min() > 0.95
+    def noise_share(directions: np.ndarray) -> float:
+        """Share of the spanned subspace lying in the 5 noise coordinates (0 to 1)."""
+        basis = np.linalg.qr(mix @ directions.T)[0]  # back in the original coordinates
+        return float((basis[3:] ** 2).sum() / basis.shape[1])
+
+    assert noise_share(components) < 0.01  # the shared coordinates, found in the mix
+    # PCA ranks by variance and keeps the views' own noise instead.
+    assert noise_share(PCA(3).fit(np.vstack([view1, view2]) @ mix).components_) > 0.9

@@ -4,13 +4,16 @@
 
 1. :class:`~fmnist_dask.models.features.PatchDictionaryFeatures` (learned patch atoms,
    pooled activations),
-2. PCA to ``n_pca`` components,
+2. a linear projection to ``n_pca`` components: plain PCA, or (``max_shift > 0``) the
+   directions in which the features of two randomly shifted copies of each image agree
+   most (canonical correlation between the two views, after a PCA to ``n_view_pca``):
+   a label-free way to keep what the garment is and drop where it sits,
 3. UMAP with clustering settings (``min_dist=0``, ``n_components`` around 10), which pulls the
    k-NN graph's dense regions apart,
 4. a full-covariance Gaussian mixture on the embedding, the best of ``n_init`` starts by its
    own log-likelihood (an internal criterion: no label is read anywhere).
 
-Every other row gets a cluster by a k-nearest-neighbour vote among the sample in the PCA space
+Every other row gets a cluster by a k-nearest-neighbour vote among the sample in the projected space
 (:class:`~fmnist_dask.models.extend.KNeighborsExtension`), computed per block on the workers;
 the features and the PCA projection run per block too. The sample rows keep the labels the
 mixture gave them. docs/quality.md records what was measured, including what did not help.
@@ -33,7 +36,7 @@ from fmnist_dask.models.features import PatchDictionaryFeatures, _encode_block
 
 
 def _project_block(block: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """PCA projection of one block of features."""
+    """Fitted projection of one block of features."""
     return (np.asarray(block, dtype=np.float32) - mean) @ components.T
 
 
@@ -64,6 +67,59 @@ def _predict_block(
     return _label_block(Z, index, block_info)
 
 
+def shifted_views(images: np.ndarray, max_shift: int, image_shape: tuple[int, int],
+                  rng: np.random.RandomState) -> np.ndarray:
+    """Each image moved by a random whole-pixel offset in ``[-max_shift, max_shift]`` along
+    both axes, uncovered pixels set to 0. Shape (n, height * width), like ``images``."""
+    h, w = image_shape
+    n = images.shape[0]
+    padded = np.pad(images.reshape(n, h, w), ((0, 0), (max_shift,) * 2, (max_shift,) * 2))
+    dy, dx = rng.randint(-max_shift, max_shift + 1, size=(2, n))
+    out = np.empty((n, h, w), dtype=images.dtype)
+    for oy in range(-max_shift, max_shift + 1):  # one slice per offset, not per row
+        for ox in range(-max_shift, max_shift + 1):
+            rows = np.flatnonzero((dy == oy) & (dx == ox))
+            out[rows] = padded[rows, max_shift + oy: max_shift + oy + h,
+                               max_shift + ox: max_shift + ox + w]
+    return out.reshape(n, h * w)
+
+
+def view_invariant_projection(
+    F1: np.ndarray, F2: np.ndarray, n_components: int, n_view_pca: int, random_state: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine map of features onto the directions two views of the same images share.
+
+    ``F1[i]`` and ``F2[i]`` are features of two random variants of image i. After a PCA
+    of both views (``n_view_pca`` components, for a well-conditioned covariance), the
+    canonical directions of the symmetrised cross-covariance are kept: the
+    ``n_components`` along which a row's two views correlate most.
+
+    Returns
+    -------
+    mean : ndarray of shape (n_features,)
+    components : ndarray of shape (n_components, n_features)
+        Project with ``(F - mean) @ components.T``.
+    correlations : ndarray of shape (n_components,)
+        Canonical correlation of each kept direction, in decreasing order.
+    """
+    pca = PCA(n_view_pca, random_state=random_state).fit(np.vstack([F1, F2]))
+    A, B = pca.transform(F1), pca.transform(F2)
+    centre = (A.mean(axis=0) + B.mean(axis=0)) / 2
+    A -= centre
+    B -= centre
+    n = len(A)
+    cov = (A.T @ A + B.T @ B) / (2 * n)
+    cross = (A.T @ B + B.T @ A) / (2 * n)
+    ridge = 1e-6 * np.trace(cov) / len(cov)  # keeps the smallest variances invertible
+    w, V = np.linalg.eigh(cov + ridge * np.eye(len(cov)))
+    whiten = V / np.sqrt(w)
+    r, U = np.linalg.eigh(whiten.T @ cross @ whiten)
+    top = np.argsort(r)[::-1][:n_components]
+    P = whiten @ U[:, top]
+    # PCA components are orthonormal, so the PCA, the centring and P fold into one map.
+    return pca.mean_ + centre @ pca.components_, P.T @ pca.components_, r[top]
+
+
 class ManifoldClustering(ClusterMixin, BaseEstimator):
     """Patch features -> PCA -> UMAP -> Gaussian mixture on a sample; k-NN vote for the rest.
 
@@ -77,8 +133,15 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
         Side of the patches, in pixels.
     pool : int, default=2
         Pooling grid (``pool x pool`` regions).
-    n_pca : int, default=50
-        Principal components of the features kept for UMAP and for the k-NN vote.
+    n_pca : int, default=30
+        Components of the features kept for UMAP and for the k-NN vote (principal
+        components, or canonical directions when ``max_shift > 0``).
+    max_shift : int, default=2
+        With ``max_shift > 0`` the projection keeps the directions shared by two copies of
+        every sample image shifted at random by up to ``max_shift`` pixels in each axis
+        (:func:`view_invariant_projection`), instead of the principal components.
+    n_view_pca : int, default=256
+        Principal components of both views' features before the canonical directions.
     n_neighbors : int, default=20
         UMAP's neighbourhood size.
     n_components : int, default=10
@@ -97,8 +160,11 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
     ----------
     features_ : PatchDictionaryFeatures
         Fitted feature map.
-    pca_ : sklearn.decomposition.PCA
-        PCA of the sample's features.
+    projection_mean_ : numpy.ndarray of shape (n_features,), float32
+    projection_components_ : numpy.ndarray of shape (n_pca, n_features), float32
+        The fitted projection of the features: ``(F - mean) @ components.T``.
+    view_correlations_ : numpy.ndarray of shape (n_pca,)
+        Canonical correlations of the kept directions (only when ``max_shift > 0``).
     embedding_ : numpy.ndarray of shape (n_sample, n_components)
         UMAP coordinates of the sample.
     mixture_ : sklearn.mixture.GaussianMixture
@@ -118,7 +184,9 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
         n_atoms: int = 128,
         patch_size: int = 6,
         pool: int = 2,
-        n_pca: int = 50,
+        n_pca: int = 30,
+        max_shift: int = 2,
+        n_view_pca: int = 256,
         n_neighbors: int = 20,
         n_components: int = 10,
         n_init: int = 3,
@@ -131,6 +199,8 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
         self.patch_size = patch_size
         self.pool = pool
         self.n_pca = n_pca
+        self.max_shift = max_shift
+        self.n_view_pca = n_view_pca
         self.n_neighbors = n_neighbors
         self.n_components = n_components
         self.n_init = n_init
@@ -170,8 +240,18 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
             image_shape=self.image_shape, random_state=seeds[0],
         ).fit(X)
         F = self.features_.transform(X)
-        self.pca_ = PCA(self.n_pca, random_state=seeds[1]).fit(F)
-        Z = self.pca_.transform(F).astype(np.float32)
+        if self.max_shift > 0:
+            view_rng = check_random_state(seeds[1])
+            F1, F2 = (self.features_.transform(
+                shifted_views(X, self.max_shift, self.image_shape, view_rng)) for _ in range(2))
+            mean, components, self.view_correlations_ = view_invariant_projection(
+                F1, F2, self.n_pca, self.n_view_pca, seeds[1])
+        else:
+            pca = PCA(self.n_pca, random_state=seeds[1]).fit(F)
+            mean, components = pca.mean_, pca.components_
+        self.projection_mean_ = mean.astype(np.float32)
+        self.projection_components_ = components.astype(np.float32)
+        Z = _project_block(F, self.projection_mean_, self.projection_components_)
         reducer = umap.UMAP(
             n_neighbors=self.n_neighbors, min_dist=0.0, n_components=self.n_components,
             random_state=None if self.random_state is None else int(seeds[2]),
@@ -195,7 +275,7 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
         return self.fit(X, y, sample_indices=sample_indices).labels_
 
     def transform_pca(self, X: np.ndarray | da.Array) -> np.ndarray | da.Array:
-        """Features of ``X`` projected on the fitted PCA, per block for a dask array.
+        """Features of ``X`` through the fitted projection, per block for a dask array.
 
         Parameters
         ----------
@@ -206,11 +286,10 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
         -------
         numpy.ndarray or dask.array.Array of shape (n_rows, n_pca), float32
         """
-        if not hasattr(self, "pca_"):
+        if not hasattr(self, "projection_components_"):
             raise AttributeError("ManifoldClustering is not fitted; call fit first")
         F = self.features_.transform(X)
-        mean = self.pca_.mean_.astype(np.float32)
-        components = self.pca_.components_.astype(np.float32)
+        mean, components = self.projection_mean_, self.projection_components_
         if not isinstance(F, da.Array):
             return _project_block(F, mean, components)
         return F.map_blocks(
@@ -238,8 +317,8 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
             raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
         args = (
             self.features_._kernel_params(),
-            self.pca_.mean_.astype(np.float32),
-            self.pca_.components_.astype(np.float32),
+            self.projection_mean_,
+            self.projection_components_,
         )
         index = self.extension_._index
         if not isinstance(X, da.Array):
