@@ -54,7 +54,8 @@ METHOD_TEXT = {
            "is then assigned its most likely component, block by block.",
     "spectral": "Spectral clustering of a k-nearest-neighbour graph of a sample of the PCA "
                 "projection; the other rows take the clusters of their nearest sampled rows.",
-    "manifold_gmm": "Patch-dictionary image features, PCA to 50, a UMAP manifold and a Gaussian "
+    "manifold_gmm": "Patch-dictionary image features kept where two shifted copies of each "
+                    "image agree, a UMAP manifold and a Gaussian "
                     "mixture fitted on the sample's images on one worker; the other rows take "
                     "the clusters of their nearest sampled rows.",
 }
