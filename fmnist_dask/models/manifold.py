@@ -15,7 +15,7 @@
 
 Every other row gets a cluster by a k-nearest-neighbour vote among the sample in the projected space
 (:class:`~fmnist_dask.models.extend.KNeighborsExtension`), computed per block on the workers;
-the features and the PCA projection run per block too. The sample rows keep the labels the
+the features and the projection run per block too. The sample rows keep the labels the
 mixture gave them. docs/quality.md records what was measured, including what did not help.
 """
 
@@ -121,7 +121,8 @@ def view_invariant_projection(
 
 
 class ManifoldClustering(ClusterMixin, BaseEstimator):
-    """Patch features -> PCA -> UMAP -> Gaussian mixture on a sample; k-NN vote for the rest.
+    """Patch features -> shift-invariant projection -> UMAP -> Gaussian mixture on a sample;
+    k-NN vote for the rest.
 
     Parameters
     ----------
@@ -245,7 +246,7 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
             F1, F2 = (self.features_.transform(
                 shifted_views(X, self.max_shift, self.image_shape, view_rng)) for _ in range(2))
             mean, components, self.view_correlations_ = view_invariant_projection(
-                F1, F2, self.n_pca, self.n_view_pca, seeds[1])
+                F1, F2, self.n_pca, min(self.n_view_pca, *F.shape), seeds[1])
         else:
             pca = PCA(self.n_pca, random_state=seeds[1]).fit(F)
             mean, components = pca.mean_, pca.components_
