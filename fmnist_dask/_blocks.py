@@ -103,8 +103,8 @@ def shared_consts(consts: tuple) -> tuple:
     A constant inside a task is shipped and held once per task: a worker handed its 56
     tasks of a pass can hold 56 copies (e.g. the sampled silhouette's 10,000 x 784 sample,
     31 MB). As a key it travels once per worker and is shared by the tasks there. (This
-    did not lower the evaluate stage's 5.9 GiB peak at 1.12 million rows, whose cause is
-    still open; see docs/benchmarks.md.)
+    did not lower the evaluate stage's 5.9 GiB peak at 1.12 million rows: that was the
+    shuffle of ``X[indices]``, see :func:`fmnist_dask.sampling.take_rows`.)
     """
     return tuple(
         dask.delayed(c, pure=True)

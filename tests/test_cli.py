@@ -178,8 +178,9 @@ def test_manifold_job_adds_the_manifold_gmm_method_to_every_row(tmp_path, real_a
     assert set(predicted) == set(range(10))
     nmi = normalized_mutual_info_score(labels, predicted)
     assert metrics.loc["manifold_gmm", "nmi"] == pytest.approx(nmi, abs=1e-9)
-    # On 4,000 fitted images the method measured NMI 0.63-0.66 over 3 seeds and PCA +
-    # k-means 0.50-0.53 (docs/quality.md): the margin holds with room for a smaller sample.
+    # On 4,000 fitted images the method (session 1's PCA projection) measured NMI 0.63-0.66
+    # over 3 seeds and PCA + k-means 0.50-0.53 (docs/quality.md): the margin holds with room
+    # for a smaller sample; the shift-invariant projection passes it too.
     assert nmi >= 0.58
     assert nmi >= metrics.loc["kmeans_pca", "nmi"] + 0.05
     assert (run / "clusters/manifold_gmm_contingency.png").read_bytes()[:4] == b"\x89PNG"

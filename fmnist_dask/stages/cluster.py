@@ -182,7 +182,7 @@ def manifold(pixels: da.Array, sample: Sample, spec: ManifoldSpec, seed: int) ->
     """``manifold-gmm`` on the sample's images on a worker; other rows by a k-NN vote per block.
 
     The model needs the images, not their PCA projection: the same sampled rows are taken
-    from the scaled pixels. Only the fitted model (feature atoms, PCA, mixture and the
+    from the scaled pixels. Only the fitted model (feature atoms, projection, mixture and the
     sample's k-NN index, ~15 MB at 70,000 rows) comes back to the client, to be sent with
     the per-block vote. Its silhouette is measured in the job's PCA space, like the other
     sample-based methods, so that the scores compare.

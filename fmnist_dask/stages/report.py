@@ -55,9 +55,9 @@ METHOD_TEXT = {
     "spectral": "Spectral clustering of a k-nearest-neighbour graph of a sample of the PCA "
                 "projection; the other rows take the clusters of their nearest sampled rows.",
     "manifold_gmm": "Patch-dictionary image features kept where two shifted copies of each "
-                    "image agree, a UMAP manifold and a Gaussian "
-                    "mixture fitted on the sample's images on one worker; the other rows take "
-                    "the clusters of their nearest sampled rows.",
+                    "image agree, a UMAP manifold and a Gaussian mixture fitted on the "
+                    "sample's images on one worker; the other rows take the clusters of their "
+                    "nearest sampled rows.",
 }
 STAGE_TEXT = {
     "load": "read the input files", "clean": "validate and drop exact duplicates",
