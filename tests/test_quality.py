@@ -20,7 +20,11 @@ from sklearn.decomposition import PCA
 
 from fmnist_dask.metrics import contingency, external_scores
 from fmnist_dask.models.features import PatchDictionaryFeatures, _pool_edges
-from fmnist_dask.models.manifold import ManifoldClustering
+from fmnist_dask.models.manifold import (
+    ManifoldClustering,
+    shifted_views,
+    view_invariant_projection,
+)
 
 N_SAMPLE, N_NEW = 4_000, 2_000
 MIN_ACC, MIN_NMI = 0.55, 0.59  # sample rows, model seed 0
@@ -107,8 +111,6 @@ def test_patch_features_match_the_definition_and_run_per_block(subset):
 
 
 def test_shifted_views_move_each_image_by_one_offset_within_the_bound():
-    from fmnist_dask.models.manifold import shifted_views
-
     n, side, bound = 400, 9, 2
     images = np.zeros((n, side, side), dtype=np.float32)
     images[:, 4, 4] = 1.0  # one lit pixel in the middle: its new place is the offset
@@ -140,8 +142,6 @@ def test_shifted_views_move_each_image_by_one_offset_within_the_bound():
 
 
 def test_view_invariant_projection_keeps_what_the_views_share():
-    from fmnist_dask.models.manifold import view_invariant_projection
-
     rng = np.random.default_rng(0)
     n = 5_000
     shared = rng.normal(size=(n, 3)) * [3.0, 2.0, 1.0]
