@@ -210,6 +210,20 @@ def test_extension_labels_out_of_sample_rows_like_a_knn_classifier(dask_client, 
     assert np.mean(labels[outside] == reference) > 0.99
 
 
+def test_relabelled_extension_equals_a_fresh_fit_with_the_new_labels(blob_data):
+    X, planted = blob_data
+    indices = np.array([40, 3, 17, 4000, 2500, 9, 1200, 77])  # unsorted on purpose
+    ext = KNeighborsExtension(n_neighbors=3).fit(X[indices], planted[indices], indices)
+    new_labels = np.array([5, 6, 5, 7, 6, 5, 7, 6])
+    moved = ext.relabelled(new_labels)
+    fresh = KNeighborsExtension(n_neighbors=3).fit(X[indices], new_labels, indices)
+    dX = da.from_array(X, chunks=(1000, 10))
+    got = moved.predict(dX).compute()
+    np.testing.assert_array_equal(got, fresh.predict(dX).compute())
+    np.testing.assert_array_equal(got[indices], new_labels)
+    np.testing.assert_array_equal(ext.predict(dX).compute()[indices], planted[indices])
+
+
 def test_extension_vote_hand_cases():
     sample = np.array([[0.0], [1.0], [1.1], [5.0], [5.0]])
     labels = np.array([0, 1, 1, 2, 3])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import dask
 import dask.array as da
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 from sklearn.neighbors import KDTree
 from sklearn.utils import check_array
 
@@ -152,6 +152,20 @@ class KNeighborsExtension(BaseEstimator):
         # A fixed key name: the index is tokenized once, not hashed on every predict.
         self._key = f"knn-extension-index-{uuid.uuid4().hex}"
         return self
+
+    def relabelled(self, y: np.ndarray) -> KNeighborsExtension:
+        """The same sample points (and positions) with other labels, as a new fitted vote.
+
+        Parameters
+        ----------
+        y : numpy.ndarray of shape (n_sample,)
+            New labels, in the order of the rows given to :meth:`fit`.
+        """
+        positions = None
+        if self.sample_indices_ is not None:  # back to the order fit was given
+            positions = np.empty_like(self.sample_indices_)
+            positions[self._index.sample_order] = self.sample_indices_
+        return clone(self).fit(np.asarray(self.index_.data), y, sample_indices=positions)
 
     def predict(self, X: da.Array | np.ndarray) -> da.Array | np.ndarray:
         """Label every row: sample rows by their sample label, the others by the k-NN vote.
