@@ -22,6 +22,9 @@ from fmnist_dask.metrics import contingency, external_scores
 from fmnist_dask.models.features import PatchDictionaryFeatures, _pool_edges
 from fmnist_dask.models.manifold import (
     ManifoldClustering,
+    ManifoldEnsemble,
+    consensus_labels,
+    fit_on_workers,
     shifted_views,
     view_invariant_projection,
 )
@@ -68,6 +71,58 @@ def test_manifold_clustering_beats_pca_kmeans_without_labels(subset, dask_client
     new = _scores(y[N_SAMPLE:], labels[N_SAMPLE:])
     assert new["acc"] >= MIN_NEW_ACC, new
     assert new["nmi"] >= MIN_NEW_NMI, new
+
+
+def test_consensus_recovers_the_partition_most_members_agree_on():
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(4), 25)  # 100 rows in 4 groups of 25
+    members, misplaced = [], np.zeros(100, dtype=int)
+    for _ in range(5):
+        names = rng.permutation(4)  # each member names the clusters its own way
+        labels = names[truth]
+        moved = rng.choice(100, 6, replace=False)  # and misplaces 6 rows of its own
+        labels[moved] = names[(truth[moved] + 1) % 4]
+        misplaced[moved] += 1
+        members.append(labels)
+    members = np.array(members)
+    assert all(_scores(truth, m)["acc"] == 0.94 for m in members)
+    assert misplaced.max() == 2  # no row misplaced by a majority of members
+    got = consensus_labels(members, 4, n_init=10, random_state=0)
+    assert _scores(truth, got)["acc"] == 1.0
+
+
+def test_ensemble_of_seeded_fits_on_the_workers(subset, dask_client):
+    X, y = subset
+    sample = np.arange(N_SAMPLE)
+    ensemble = ManifoldEnsemble(n_runs=3, random_state=0)
+    model = fit_on_workers(ensemble, dask_client.scatter(X[sample]), sample)
+    assert not hasattr(ensemble, "labels_")  # the fitted copy came back; the spec is untouched
+    seeds = ensemble.member_seeds()
+    assert len(set(seeds.tolist())) == 3
+    # Each member is the fit with its seed (run alone on a worker too: thread counts there
+    # differ from this process's, and a different float summation order moves UMAP).
+    alone = dask_client.submit(
+        lambda images: ManifoldClustering(random_state=seeds[1]).fit(
+            images, sample_indices=sample).labels_, X[sample]).result()
+    np.testing.assert_array_equal(model.member_labels_[1], alone)
+    np.testing.assert_allclose(model.agreement_, model.agreement_.T)
+    np.testing.assert_allclose(np.diag(model.agreement_), 1.0)
+    assert 0.0 < model.stability_ < 1.0
+    assert model.reference_ == int(np.argmax(model.agreement_.sum(axis=1)))
+
+    members = [_scores(y[sample], m) for m in model.member_labels_]
+    fitted = _scores(y[sample], model.labels_)
+    assert fitted["acc"] >= MIN_ACC, fitted
+    assert fitted["nmi"] >= MIN_NMI, fitted
+    assert fitted["nmi"] >= min(m["nmi"] for m in members), (fitted, members)
+    labels = model.predict(da.from_array(X, chunks=(1_500, X.shape[1]))).compute()
+    np.testing.assert_array_equal(labels[sample], model.labels_)
+    new = _scores(y[N_SAMPLE:], labels[N_SAMPLE:])
+    assert new["acc"] >= MIN_NEW_ACC, new
+    assert new["nmi"] >= MIN_NEW_NMI, new
+
+    with pytest.raises(TypeError, match="unsupervised"):
+        ManifoldEnsemble(n_runs=2).fit(X[:50], y[:50])
 
 
 def test_fit_takes_no_labels(subset):
