@@ -145,8 +145,8 @@ class SpectralSpec(_Strict):
 
 class ManifoldSpec(_Strict):
     """``manifold-gmm``: patch-dictionary features -> shift-invariant projection -> UMAP ->
-    Gaussian mixture on the sample's images, every other row by a k-NN vote (issue 8;
-    docs/quality.md).
+    Gaussian mixture on the sample's images, ``n_runs`` times with different seeds, and the
+    partition the runs agree on; every other row by a k-NN vote (issue 8; docs/quality.md).
 
     Off in the default job: on all 70,000 images it costs more than the rest of the job
     together (``jobs/fashion_mnist_manifold.yaml`` turns it on).
@@ -164,6 +164,7 @@ class ManifoldSpec(_Strict):
     n_components: int = Field(default=10, ge=2)
     n_init: int = Field(default=3, ge=1)
     extension_neighbors: int = Field(default=10, ge=1)
+    n_runs: int = Field(default=4, ge=1)
 
 
 class TSNESpec(_Strict):

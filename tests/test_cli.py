@@ -157,6 +157,8 @@ def test_manifold_job_adds_the_manifold_gmm_method_to_every_row(tmp_path, real_a
     spec |= {"eda": {"enabled": False}, "gmm": {"enabled": False},
              "spectral": {"enabled": False}, "tsne": {"enabled": False},
              "sample": {"size": 2500}}  # 2,500 of 3,000 rows fitted, 500 by the vote
+    assert spec["manifold"]["n_runs"] == 4
+    spec["manifold"]["n_runs"] = 2  # a consensus still, one fit per worker
     job = tmp_path / "manifold.yaml"
     job.write_text(yaml.safe_dump(spec, sort_keys=False))
     data = _subset(tmp_path, real_arrays, n_train=2500, n_test=500)
@@ -169,6 +171,8 @@ def test_manifold_job_adds_the_manifold_gmm_method_to_every_row(tmp_path, real_a
     assert manifest["stages"]["manifold_gmm"]["sample_size"] == 2500
     metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")
     assert list(metrics.index) == ["kmeans_raw", "kmeans_pca", "manifold_gmm"]
+    assert metrics.loc["manifold_gmm", "n_runs"] == 2
+    assert 0.0 < metrics.loc["manifold_gmm", "stability"] < 1.0
     assignments = pd.read_parquet(run / "assignments").sort_values("row_id")
     for split, n in (("train", 2500), ("test", 500)):  # the evaluation labels are the real ones
         np.testing.assert_array_equal(

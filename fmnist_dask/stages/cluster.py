@@ -21,7 +21,7 @@ from fmnist_dask.config import GMMSpec, KMeansSpec, ManifoldSpec, SpectralSpec
 from fmnist_dask.models.extend import KNeighborsExtension
 from fmnist_dask.models.gmm import fit_gmm, gmm_summary, predict_blocks
 from fmnist_dask.models.kmeans import DaskKMeans
-from fmnist_dask.models.manifold import ManifoldClustering
+from fmnist_dask.models.manifold import ManifoldClustering, ManifoldEnsemble, fit_on_workers
 from fmnist_dask.models.spectral import FastSpectralClustering
 from fmnist_dask.sampling import take_rows, uniform_row_sample
 
@@ -171,29 +171,26 @@ def spectral(projected: da.Array, sample: Sample, spec: SpectralSpec, seed: int
     )
 
 
-def _fit_manifold(images: np.ndarray, indices: np.ndarray, spec: ManifoldSpec, seed: int
-                  ) -> ManifoldClustering:
-    params = spec.model_dump(exclude={"enabled"})
-    model = ManifoldClustering(**params, random_state=seed)
-    return model.fit(images, sample_indices=indices)
-
-
 def manifold(pixels: da.Array, sample: Sample, spec: ManifoldSpec, seed: int) -> ClusterResult:
-    """``manifold-gmm`` on the sample's images on a worker; other rows by a k-NN vote per block.
+    """``manifold-gmm``: a consensus of ``spec.n_runs`` fits on the sample's images, run in
+    parallel on the workers; other rows by a k-NN vote per block.
 
     The model needs the images, not their PCA projection: the same sampled rows are taken
-    from the scaled pixels. Only the fitted model (feature atoms, projection, mixture and the
-    sample's k-NN index, ~15 MB at 70,000 rows) comes back to the client, to be sent with
-    the per-block vote. Its silhouette is measured in the job's PCA space, like the other
-    sample-based methods, so that the scores compare.
+    from the scaled pixels. Only the combined model (one member's feature atoms and
+    projection, and the sample's k-NN index: ~15 MB at 70,000 rows) comes back to the
+    client, to be sent with the per-block vote. Its silhouette is measured in the job's PCA
+    space, like the other sample-based methods, so that the scores compare.
     """
     start = time.perf_counter()
     images = one_block(take_rows(pixels, sample.indices))
-    model = on_worker(_fit_manifold, images, sample.indices, spec, seed)
+    member = ManifoldClustering(**spec.model_dump(exclude={"enabled", "n_runs"}))
+    ensemble = ManifoldEnsemble(member, n_runs=spec.n_runs, random_state=seed)
+    model = fit_on_workers(ensemble, images, sample.indices)
     labels = model.predict(pixels).astype(np.int32).persist()
     da.compute(labels.sum())
     return ClusterResult(
         method="manifold_gmm", labels=labels, n_clusters=spec.n_clusters, features="pca",
         fit_seconds=time.perf_counter() - start,
-        scores={"sample_size": sample.size},
+        scores={"sample_size": sample.size, "n_runs": spec.n_runs,
+                "stability": model.stability_},
     )

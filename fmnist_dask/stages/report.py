@@ -55,9 +55,10 @@ METHOD_TEXT = {
     "spectral": "Spectral clustering of a k-nearest-neighbour graph of a sample of the PCA "
                 "projection; the other rows take the clusters of their nearest sampled rows.",
     "manifold_gmm": "Patch-dictionary image features kept where two shifted copies of each "
-                    "image agree, a UMAP manifold and a Gaussian mixture fitted on the "
-                    "sample's images on one worker; the other rows take the clusters of their "
-                    "nearest sampled rows.",
+                    "image agree, a UMAP manifold and a Gaussian mixture, fitted on the "
+                    "sample's images several times with different seeds (in parallel on the "
+                    "workers) and combined into the clusters the fits agree on; the other "
+                    "rows take the clusters of their nearest sampled rows.",
 }
 STAGE_TEXT = {
     "load": "read the input files", "clean": "validate and drop exact duplicates",
@@ -398,6 +399,8 @@ def _method_scores(row: pd.Series) -> list[list[Any]]:
     labels = {"acc": "ACC (Hungarian)", "nmi": "NMI", "ari": "ARI", "inertia": "inertia",
               "log_likelihood": "mean log-likelihood", "bic": "BIC", "n_iter": "iterations",
               "converged": "converged", "sample_size": "fitted on rows",
+              "n_runs": "runs in the consensus",
+              "stability": "stability (mean NMI between runs)",
               "fit_seconds": "fit and label time (s)", "score_seconds": "scoring time (s)"}
     for key, label in labels.items():
         value = row.get(key)
