@@ -1,17 +1,20 @@
-"""Cluster quality of ManifoldClustering on the 70,000 Fashion-MNIST images, over several seeds.
+"""Cluster quality of the manifold-gmm consensus on the 70,000 Fashion-MNIST images, over seeds.
 
 For each seed: a uniform sample of ``--n-sample`` rows (all 70,000 by default, the job's default
-sample cap) is fitted in this process with ``ManifoldClustering(random_state=seed)`` (no label
-is passed), then every row is labelled per block on a LocalCluster (2 workers x 1 thread) with
-``predict``; the labels are read only afterwards, to count the contingency table and score it
-(ACC by Hungarian matching, NMI, ARI, from :func:`fmnist_dask.metrics.external_scores`). As a
-reference, the original analysis's PCA(50) + k-means(10) (scikit-learn, same seed) is scored on
-the same rows.
+sample cap) is fitted with ``ManifoldEnsemble(n_runs=--n-runs, random_state=seed)`` the way the
+job fits it (:func:`fit_on_workers`: the members are parallel tasks on a LocalCluster of
+2 workers x 1 thread, the images scattered to it once; no label is passed), then every row
+is labelled per block with ``predict``. The labels are read only afterwards, to count the
+contingency table and score it (ACC by Hungarian matching, NMI, ARI, from
+:func:`fmnist_dask.metrics.external_scores`). As the reference measured in the same run,
+each member's own clusters of the sample are scored too (``member_*``: mean over members).
+With ``--baseline`` the original analysis's PCA(50) + k-means(10) (scikit-learn, same
+seed) is scored on the same rows.
 
 Prints one row per seed, then mean +- sd, and the 1-minute load average (other jobs may share
 the CPU, which stretches wall times).
 
-Reproduce (about 10-20 min per seed on 2 free cores; more under load)::
+Reproduce (about 7-8 min per seed with 4 runs on 2 free cores; more under load)::
 
     source .venv/bin/activate
     python benchmarks/bench_quality.py --seeds 0 1 2 3 4 --json /tmp/bench_quality.json
@@ -32,7 +35,7 @@ import numpy as np
 
 from fmnist_dask.fetch import load_split
 from fmnist_dask.metrics import contingency, external_scores
-from fmnist_dask.models.manifold import ManifoldClustering
+from fmnist_dask.models.manifold import ManifoldEnsemble, fit_on_workers
 from fmnist_dask.sampling import choose_sample_indices
 
 DATA = Path(os.environ.get(
@@ -59,7 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--n-sample", type=int, default=70_000, help="rows the model fits on")
-    parser.add_argument("--no-baseline", action="store_true", help="skip PCA + k-means")
+    parser.add_argument("--n-runs", type=int, default=4, help="members of the consensus")
+    parser.add_argument("--baseline", action="store_true", help="also score PCA + k-means")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)  # UMAP's seed/threads notice
@@ -69,29 +73,37 @@ def main() -> None:
     X, y = load()
     rows: list[dict] = []
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
-                      memory_limit="6GiB") as cluster, Client(cluster):
+                      memory_limit="8GiB") as cluster, Client(cluster) as client:
         Xd = da.from_array(X, chunks=(CHUNK_ROWS, X.shape[1])).persist()
         for seed in args.seeds:
             idx = choose_sample_indices(len(X), args.n_sample, random_state=seed)
+            images = client.scatter(X[idx])
             t0 = time.perf_counter()
-            model = ManifoldClustering(random_state=seed).fit(X[idx], sample_indices=idx)
+            model = fit_on_workers(ManifoldEnsemble(n_runs=args.n_runs, random_state=seed),
+                                   images, idx)
             t1 = time.perf_counter()
             labels = model.predict(Xd).compute()
             t2 = time.perf_counter()
-            scores = external_scores(contingency(y, labels, 10, model.n_clusters))
-            row = {"seed": seed, "n_sample": len(idx), **scores, "fit_s": t1 - t0,
+            scores = external_scores(contingency(y, labels, 10, 10))
+            members = [external_scores(contingency(y[idx], m, 10, 10))
+                       for m in model.member_labels_]
+            row = {"seed": seed, "n_sample": len(idx), "n_runs": args.n_runs, **scores,
+                   **{f"member_{k}": statistics.mean(m[k] for m in members) for k in scores},
+                   "member_acc_all": [round(m["acc"], 4) for m in members],
+                   "stability": model.stability_, "fit_s": t1 - t0,
                    "predict_s": t2 - t1, "load1": os.getloadavg()[0]}
-            if not args.no_baseline:
+            if args.baseline:
                 b = baseline(X, seed)
                 row.update({f"baseline_{k}": v for k, v in
                             external_scores(contingency(y, b, 10, 10)).items()})
             rows.append(row)
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items()), flush=True)
-    print(f"\nManifoldClustering, {len(rows)} seeds, sample {args.n_sample}, "
-          f"all {len(X):,} rows scored")
-    keys = ["acc", "nmi", "ari", "fit_s", "predict_s"]
-    if not args.no_baseline:
+    print(f"\nmanifold-gmm consensus of {args.n_runs}, {len(rows)} seeds, sample "
+          f"{args.n_sample}, all {len(X):,} rows scored")
+    keys = ["acc", "nmi", "ari", "member_acc", "member_nmi", "member_ari", "stability",
+            "fit_s", "predict_s"]
+    if args.baseline:
         keys += ["baseline_acc", "baseline_nmi", "baseline_ari"]
     for k in keys:
         values = [r[k] for r in rows]
