@@ -120,7 +120,36 @@ def view_invariant_projection(
     return pca.mean_ + centre @ pca.components_, P.T @ pca.components_, r[top]
 
 
-class ManifoldClustering(ClusterMixin, BaseEstimator):
+class _SampleImageClusterer(ClusterMixin):
+    """``fit_predict`` and ``predict`` of a model fitted on a sample of images that labels
+    other rows through ``features_``, ``projection_mean_``, ``projection_components_`` and
+    the k-NN vote ``extension_``."""
+
+    def fit_predict(
+        self, X: np.ndarray, y: None = None, *, sample_indices: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Fit on the sample and return ``labels_`` (shape (n_sample,))."""
+        return self.fit(X, y, sample_indices=sample_indices).labels_
+
+    def predict(self, X: np.ndarray | da.Array) -> np.ndarray | da.Array:
+        """Cluster of every row (sample rows keep ``labels_`` when positions were given).
+
+        Parameters
+        ----------
+        X : numpy.ndarray or dask.array.Array of shape (n_rows, height * width)
+            Pixel intensities scaled to [0, 1]; for a dask array, row chunks must be known.
+
+        Returns
+        -------
+        numpy.ndarray or dask.array.Array of shape (n_rows,), int64
+            Cluster indices in ``range(n_clusters)``; lazy for a dask input.
+        """
+        if not hasattr(self, "extension_"):
+            raise AttributeError(f"{type(self).__name__} is not fitted; call fit first")
+        return _predict_images(X, self)
+
+
+class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
     """Patch features -> shift-invariant projection -> UMAP -> Gaussian mixture on a sample;
     k-NN vote for the rest.
 
@@ -269,12 +298,6 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         return self
 
-    def fit_predict(
-        self, X: np.ndarray, y: None = None, *, sample_indices: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Fit on the sample and return ``labels_`` (shape (n_sample,))."""
-        return self.fit(X, y, sample_indices=sample_indices).labels_
-
     def transform_pca(self, X: np.ndarray | da.Array) -> np.ndarray | da.Array:
         """Features of ``X`` through the fitted projection, per block for a dask array.
 
@@ -299,27 +322,8 @@ class ManifoldClustering(ClusterMixin, BaseEstimator):
             meta=np.empty((0, 0), dtype=np.float32),
         )
 
-    def predict(self, X: np.ndarray | da.Array) -> np.ndarray | da.Array:
-        """Cluster of every row (sample rows keep ``labels_`` when positions were given).
-
-        Parameters
-        ----------
-        X : numpy.ndarray or dask.array.Array of shape (n_rows, height * width)
-            Pixel intensities scaled to [0, 1]; for a dask array, row chunks must be known.
-
-        Returns
-        -------
-        numpy.ndarray or dask.array.Array of shape (n_rows,), int64
-            Cluster indices in ``range(n_clusters)``; lazy for a dask input.
-        """
-        if not hasattr(self, "extension_"):
-            raise AttributeError("ManifoldClustering is not fitted; call fit first")
-        return _predict_images(X, self)
-
 
 def _predict_images(X: np.ndarray | da.Array, model: Any) -> np.ndarray | da.Array:
-    """Cluster of every row through a fitted model's features, projection and k-NN vote
-    (``features_``, ``projection_mean_``, ``projection_components_``, ``extension_``)."""
     if X.ndim != 2 or X.shape[1] != model.n_features_in_:
         raise ValueError(f"X must have shape (n, {model.n_features_in_}), got {X.shape}")
     args = (
@@ -381,7 +385,7 @@ def fit_member(estimator: ManifoldClustering, X: np.ndarray, seed: int,
         X, sample_indices=sample_indices)
 
 
-class ManifoldEnsemble(ClusterMixin, BaseEstimator):
+class ManifoldEnsemble(_SampleImageClusterer, BaseEstimator):
     """Consensus of several :class:`ManifoldClustering` fits that differ only in their seed.
 
     One fit's clusters depend on its random patch dictionary and shifted views (on all
@@ -501,29 +505,6 @@ class ManifoldEnsemble(ClusterMixin, BaseEstimator):
         self.n_features_in_ = reference.n_features_in_
         return self
 
-    def fit_predict(
-        self, X: np.ndarray, y: None = None, *, sample_indices: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Fit on the sample and return ``labels_`` (shape (n_sample,))."""
-        return self.fit(X, y, sample_indices=sample_indices).labels_
-
-    def predict(self, X: np.ndarray | da.Array) -> np.ndarray | da.Array:
-        """Cluster of every row (sample rows keep ``labels_`` when positions were given).
-
-        Parameters
-        ----------
-        X : numpy.ndarray or dask.array.Array of shape (n_rows, height * width)
-            Pixel intensities scaled to [0, 1]; for a dask array, row chunks must be known.
-
-        Returns
-        -------
-        numpy.ndarray or dask.array.Array of shape (n_rows,), int64
-            Consensus clusters; lazy for a dask input.
-        """
-        if not hasattr(self, "extension_"):
-            raise AttributeError("ManifoldEnsemble is not fitted; call fit first")
-        return _predict_images(X, self)
-
 
 def _combine(ensemble: ManifoldEnsemble, members: list[ManifoldClustering]) -> ManifoldEnsemble:
     return ensemble.fit_from_members(members)
@@ -545,6 +526,12 @@ def fit_on_workers(ensemble: ManifoldEnsemble, X: Any,
         The sample images, shape (n_sample, height * width), in [0, 1]. Pass a delayed
         block or a scattered future for large samples, so the graph stays small.
     sample_indices : numpy.ndarray of shape (n_sample,), optional
+        Positions of the sample rows in the full array later given to ``predict``.
+
+    Returns
+    -------
+    ManifoldEnsemble
+        A fitted copy of ``ensemble``.
     """
     template = ensemble.member_template()
     members = [dask.delayed(fit_member, pure=False)(template, X, seed, sample_indices)
