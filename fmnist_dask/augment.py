@@ -60,10 +60,11 @@ def draw_transforms(rng: np.random.Generator, n: int, spec: AugmentSpec) -> Tran
     )
 
 
-def _warp(images: np.ndarray, t: Transforms) -> np.ndarray:
+def _warp(images: np.ndarray, t: Transforms,
+          image_shape: tuple[int, int] = IMAGE_SHAPE) -> np.ndarray:
     """Rotate about the centre and shift (bilinear, zero outside), then flip; float32."""
     n = len(images)
-    height, width = IMAGE_SHAPE
+    height, width = image_shape
     pictures = images.reshape(n, height, width).astype(np.float32)
     if not (t.angle.any() or t.shift_x.any() or t.shift_y.any()):
         warped = pictures
@@ -90,7 +91,31 @@ def _warp(images: np.ndarray, t: Transforms) -> np.ndarray:
         warped = ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1))
                   + fy * ((1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)))
     warped = np.where(t.flip[:, None, None], warped[:, :, ::-1], warped)
-    return warped.reshape(n, N_PIXELS)
+    return warped.reshape(n, height * width)
+
+
+def rotate(images: np.ndarray, angles: np.ndarray,
+           image_shape: tuple[int, int] = IMAGE_SHAPE) -> np.ndarray:
+    """Each image rotated about its centre by its angle (degrees), bilinear, zero outside.
+
+    Parameters
+    ----------
+    images : numpy.ndarray of shape (n, height * width)
+    angles : numpy.ndarray of shape (n,)
+        Degrees; positive turns the picture clockwise as displayed (rows downwards).
+
+    Returns
+    -------
+    numpy.ndarray of shape (n, height * width), float32
+    """
+    out = np.empty(images.shape, dtype=np.float32)
+    none = np.zeros(len(images), dtype=np.float32)
+    for start in range(0, len(images), WARP_ROWS):  # bounds the warp's temporaries
+        part = slice(start, start + WARP_ROWS)
+        moves = Transforms(none[part], none[part], np.asarray(angles[part], np.float32),
+                           none[part].astype(bool), none[part], none[part], 0.0)
+        out[part] = _warp(images[part], moves, image_shape)
+    return out
 
 
 def apply_transforms(images: np.ndarray, t: Transforms, rng: np.random.Generator) -> np.ndarray:

@@ -18,6 +18,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
+from fmnist_dask.augment import rotate
 from fmnist_dask.metrics import contingency, external_scores
 from fmnist_dask.models.features import PatchDictionaryFeatures, _pool_edges
 from fmnist_dask.models.manifold import (
@@ -25,6 +26,7 @@ from fmnist_dask.models.manifold import (
     ManifoldEnsemble,
     consensus_labels,
     fit_on_workers,
+    random_views,
     shifted_views,
     view_invariant_projection,
 )
@@ -163,6 +165,40 @@ def test_patch_features_match_the_definition_and_run_per_block(subset):
     blocks = feat.transform(da.from_array(X[:300], chunks=(70, 784)))
     assert blocks.chunks == ((70, 70, 70, 70, 20), (144,))
     np.testing.assert_allclose(blocks.compute(), F, rtol=1e-5, atol=1e-5)
+
+
+def test_rotate_quarter_turns_are_numpy_rot90_and_zero_is_identity():
+    pictures = np.random.default_rng(2).random((3, 9 * 9)).astype(np.float32)
+    turned = rotate(pictures, np.array([90.0, -90.0, 0.0]), (9, 9)).reshape(3, 9, 9)
+    square = pictures.reshape(3, 9, 9)
+    np.testing.assert_allclose(turned[0], np.rot90(square[0], k=-1), atol=1e-5)  # clockwise
+    np.testing.assert_allclose(turned[1], np.rot90(square[1], k=1), atol=1e-5)
+    np.testing.assert_array_equal(turned[2], square[2])
+
+
+def test_random_views_turn_each_image_by_at_most_the_bound():
+    n, bound = 300, 10.0
+    bar = np.zeros((28, 28), dtype=np.float32)
+    bar[13:15, 4:24] = 1.0  # a horizontal bar through the centre (13.5, 13.5)
+    images = np.tile(bar.ravel(), (n, 1))
+    # Without rotation the views are the whole-pixel shifts, draw for draw.
+    np.testing.assert_array_equal(
+        random_views(images, 2, 0.0, (28, 28), np.random.RandomState(0)),
+        shifted_views(images, 2, (28, 28), np.random.RandomState(0)))
+    views = random_views(images, 0, bound, (28, 28), np.random.RandomState(0))
+    # Angle of each view's principal axis from its intensity moments (independent of the warp).
+    rows, cols = np.mgrid[0:28, 0:28]
+    w = views.reshape(n, 28, 28)
+    mass = w.sum(axis=(1, 2))
+    cy, cx = (w * rows).sum(axis=(1, 2)) / mass, (w * cols).sum(axis=(1, 2)) / mass
+    dy, dx = rows[None] - cy[:, None, None], cols[None] - cx[:, None, None]
+    syy, sxx, sxy = ((w * dy * dy).sum(axis=(1, 2)), (w * dx * dx).sum(axis=(1, 2)),
+                     (w * dx * dy).sum(axis=(1, 2)))
+    angles = np.degrees(0.5 * np.arctan2(2 * sxy, sxx - syy))
+    assert np.abs(angles).max() <= bound + 0.5
+    assert angles.min() < -0.8 * bound and angles.max() > 0.8 * bound  # both ways, near the bound
+    np.testing.assert_allclose(cy, 13.5, atol=0.05)  # turned about the centre
+    np.testing.assert_allclose(mass, bar.sum(), rtol=0.02)  # nothing cut off
 
 
 def test_shifted_views_move_each_image_by_one_offset_within_the_bound():

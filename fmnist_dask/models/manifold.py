@@ -4,10 +4,11 @@
 
 1. :class:`~fmnist_dask.models.features.PatchDictionaryFeatures` (learned patch atoms,
    pooled activations),
-2. a linear projection to ``n_pca`` components: plain PCA, or (``max_shift > 0``) the
-   directions in which the features of two randomly shifted copies of each image agree
-   most (canonical correlation between the two views, after a PCA to ``n_view_pca``):
-   a label-free way to keep what the garment is and drop where it sits,
+2. a linear projection to ``n_pca`` components: plain PCA, or (``max_shift`` or
+   ``max_rotation`` > 0) the directions in which the features of two randomly shifted and
+   rotated copies of each image agree most (canonical correlation between the two views,
+   after a PCA to ``n_view_pca``): a label-free way to keep what the garment is and drop
+   where and how askew it sits,
 3. UMAP with clustering settings (``min_dist=0``, ``n_components`` around 10), which pulls the
    k-NN graph's dense regions apart,
 4. a full-covariance Gaussian mixture on the embedding, the best of ``n_init`` starts by its
@@ -16,7 +17,10 @@
 Every other row gets a cluster by a k-nearest-neighbour vote among the sample in the projected space
 (:class:`~fmnist_dask.models.extend.KNeighborsExtension`), computed per block on the workers;
 the features and the projection run per block too. The sample rows keep the labels the
-mixture gave them. docs/quality.md records what was measured, including what did not help.
+mixture gave them.
+
+``ManifoldEnsemble`` fits several of these with different seeds and keeps the partition
+they agree on. docs/quality.md records what was measured, including what did not help.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_array, check_random_state
 
+from fmnist_dask.augment import rotate
 from fmnist_dask.models.extend import KNeighborsExtension, _label_block
 from fmnist_dask.models.features import PatchDictionaryFeatures, _encode_block
 
@@ -82,6 +87,17 @@ def shifted_views(images: np.ndarray, max_shift: int, image_shape: tuple[int, in
             out[rows] = padded[rows, max_shift + oy: max_shift + oy + h,
                                max_shift + ox: max_shift + ox + w]
     return out.reshape(n, h * w)
+
+
+def random_views(images: np.ndarray, max_shift: int, max_rotation: float,
+                 image_shape: tuple[int, int], rng: np.random.RandomState) -> np.ndarray:
+    """Each image shifted by whole pixels (:func:`shifted_views`), then rotated about its
+    centre by a uniform random angle in ``[-max_rotation, max_rotation]`` degrees (bilinear,
+    zero outside). Shape (n, height * width), float32."""
+    out = shifted_views(images, max_shift, image_shape, rng)
+    if max_rotation > 0:
+        out = rotate(out, rng.uniform(-max_rotation, max_rotation, len(out)), image_shape)
+    return out.astype(np.float32, copy=False)
 
 
 def view_invariant_projection(
@@ -165,11 +181,14 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         Pooling grid (``pool x pool`` regions).
     n_pca : int, default=30
         Components of the features kept for UMAP and for the k-NN vote (principal
-        components, or canonical directions when ``max_shift > 0``).
+        components, or canonical directions when the views are on).
     max_shift : int, default=2
-        With ``max_shift > 0`` the projection keeps the directions shared by two copies of
-        every sample image shifted at random by up to ``max_shift`` pixels in each axis
-        (:func:`view_invariant_projection`), instead of the principal components.
+        With ``max_shift > 0`` (or ``max_rotation > 0``) the projection keeps the
+        directions shared by two copies of every sample image shifted at random by up to
+        ``max_shift`` pixels in each axis and rotated (:func:`random_views`,
+        :func:`view_invariant_projection`), instead of the principal components.
+    max_rotation : float, default=10.0
+        Largest rotation of those copies, in degrees either way.
     n_view_pca : int, default=256
         Principal components of both views' features before the canonical directions.
     n_neighbors : int, default=20
@@ -194,7 +213,7 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
     projection_components_ : numpy.ndarray of shape (n_pca, n_features), float32
         The fitted projection of the features: ``(F - mean) @ components.T``.
     view_correlations_ : numpy.ndarray of shape (n_pca,)
-        Canonical correlations of the kept directions (only when ``max_shift > 0``).
+        Canonical correlations of the kept directions (only when the views are on).
     embedding_ : numpy.ndarray of shape (n_sample, n_components)
         UMAP coordinates of the sample.
     mixture_ : sklearn.mixture.GaussianMixture
@@ -216,6 +235,7 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         pool: int = 2,
         n_pca: int = 30,
         max_shift: int = 2,
+        max_rotation: float = 10.0,
         n_view_pca: int = 256,
         n_neighbors: int = 20,
         n_components: int = 10,
@@ -230,6 +250,7 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         self.pool = pool
         self.n_pca = n_pca
         self.max_shift = max_shift
+        self.max_rotation = max_rotation
         self.n_view_pca = n_view_pca
         self.n_neighbors = n_neighbors
         self.n_components = n_components
@@ -270,10 +291,11 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
             image_shape=self.image_shape, random_state=seeds[0],
         ).fit(X)
         F = self.features_.transform(X)
-        if self.max_shift > 0:
+        if self.max_shift > 0 or self.max_rotation > 0:
             view_rng = check_random_state(seeds[1])
-            F1, F2 = (self.features_.transform(
-                shifted_views(X, self.max_shift, self.image_shape, view_rng)) for _ in range(2))
+            F1, F2 = (self.features_.transform(random_views(
+                X, self.max_shift, self.max_rotation, self.image_shape, view_rng))
+                for _ in range(2))
             mean, components, self.view_correlations_ = view_invariant_projection(
                 F1, F2, self.n_pca, min(self.n_view_pca, *F.shape), seeds[1])
         else:
