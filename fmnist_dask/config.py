@@ -159,7 +159,7 @@ class ManifoldSpec(_Strict):
     pool: int = Field(default=2, ge=1, le=7)
     n_pca: int = Field(default=30, ge=2)
     max_shift: int = Field(default=2, ge=0, le=8)
-    max_rotation: float = Field(default=10.0, ge=0, le=45)
+    max_rotation: float = Field(default=0.0, ge=0, le=45)
     n_view_pca: int = Field(default=256, ge=2)
     n_neighbors: int = Field(default=20, ge=2)
     n_components: int = Field(default=10, ge=2)
