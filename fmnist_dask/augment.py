@@ -94,6 +94,18 @@ def _warp(images: np.ndarray, t: Transforms,
     return warped.reshape(n, height * width)
 
 
+def _warp_in_parts(images: np.ndarray, t: Transforms,
+                   image_shape: tuple[int, int] = IMAGE_SHAPE) -> np.ndarray:
+    """:func:`_warp` over ``WARP_ROWS`` rows at a time (bounds its float temporaries)."""
+    out = np.empty((len(images), image_shape[0] * image_shape[1]), dtype=np.float32)
+    for start in range(0, len(images), WARP_ROWS):
+        part = slice(start, start + WARP_ROWS)
+        sub = Transforms(t.shift_x[part], t.shift_y[part], t.angle[part], t.flip[part],
+                         t.contrast[part], t.brightness[part], t.noise)
+        out[part] = _warp(images[part], sub, image_shape)
+    return out
+
+
 def rotate(images: np.ndarray, angles: np.ndarray,
            image_shape: tuple[int, int] = IMAGE_SHAPE) -> np.ndarray:
     """Each image rotated about its centre by its angle (degrees), bilinear, zero outside.
@@ -108,24 +120,15 @@ def rotate(images: np.ndarray, angles: np.ndarray,
     -------
     numpy.ndarray of shape (n, height * width), float32
     """
-    out = np.empty(images.shape, dtype=np.float32)
     none = np.zeros(len(images), dtype=np.float32)
-    for start in range(0, len(images), WARP_ROWS):  # bounds the warp's temporaries
-        part = slice(start, start + WARP_ROWS)
-        moves = Transforms(none[part], none[part], np.asarray(angles[part], np.float32),
-                           none[part].astype(bool), none[part], none[part], 0.0)
-        out[part] = _warp(images[part], moves, image_shape)
-    return out
+    turns = Transforms(none, none, np.asarray(angles, np.float32), none.astype(bool),
+                       none, none, 0.0)
+    return _warp_in_parts(images, turns, image_shape)
 
 
 def apply_transforms(images: np.ndarray, t: Transforms, rng: np.random.Generator) -> np.ndarray:
     """Transformed copies of ``images`` (n, 784) uint8, as uint8."""
-    out = np.empty_like(images, dtype=np.float32)
-    for start in range(0, len(images), WARP_ROWS):
-        part = slice(start, start + WARP_ROWS)
-        sub = Transforms(t.shift_x[part], t.shift_y[part], t.angle[part], t.flip[part],
-                         t.contrast[part], t.brightness[part], t.noise)
-        out[part] = _warp(images[part], sub)
+    out = _warp_in_parts(images, t)
     mean = out.mean(axis=1, keepdims=True)
     out = (out - mean) * t.contrast[:, None] + mean + t.brightness[:, None]
     if t.noise:
