@@ -164,6 +164,7 @@ class ManifoldSpec(_Strict):
     n_neighbors: int = Field(default=20, ge=2)
     n_components: int = Field(default=10, ge=2)
     n_init: int = Field(default=3, ge=1)
+    mixture_selection: Literal["likelihood", "balanced"] = "likelihood"
     extension_neighbors: int = Field(default=10, ge=1)
     n_runs: int = Field(default=4, ge=1)
 
