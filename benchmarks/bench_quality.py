@@ -1,8 +1,10 @@
 """Cluster quality of the manifold-gmm consensus on the 70,000 Fashion-MNIST images, over seeds.
 
 For each seed: a uniform sample of ``--n-sample`` rows (all 70,000 by default, the job's default
-sample cap) is fitted with ``ManifoldEnsemble(n_runs=--n-runs, random_state=seed)`` the way the
-job fits it (:func:`fit_on_workers`: the members are parallel tasks on a LocalCluster of
+sample cap) is fitted with the consensus the ``manifold:`` section of ``--job`` describes
+(``jobs/fashion_mnist_manifold.yaml`` by default; ``--n-runs`` overrides its member count),
+seeded with the seed, the way the job fits it
+(:func:`fit_on_workers`: the members are parallel tasks on a LocalCluster of
 2 workers x 1 thread, the images scattered to it once; no label is passed), then every row
 is labelled per block with ``predict``. The labels are read only afterwards, to count the
 contingency table and score it (ACC by Hungarian matching, NMI, ARI, from
@@ -14,7 +16,8 @@ seed) is scored on the same rows.
 Prints one row per seed, then mean +- sd, and the 1-minute load average (other jobs may share
 the CPU, which stretches wall times).
 
-Reproduce (about 7-8 min per seed with 4 runs on 2 free cores; more under load)::
+Reproduce (about 11 min per seed with the job file's settings on 2 free cores; more under
+load)::
 
     source .venv/bin/activate
     python benchmarks/bench_quality.py --seeds 0 1 2 3 4 --json /tmp/bench_quality.json
@@ -27,20 +30,22 @@ import json
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
 
+from fmnist_dask.config import load_job_spec
 from fmnist_dask.fetch import load_split
 from fmnist_dask.metrics import contingency, external_scores
-from fmnist_dask.models.manifold import ManifoldEnsemble, fit_on_workers
+from fmnist_dask.models.manifold import fit_on_workers
 from fmnist_dask.sampling import choose_sample_indices
+from fmnist_dask.stages.cluster import manifold_ensemble
 
 DATA = Path(os.environ.get(
     "FMNIST_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"))
 CHUNK_ROWS = 10_000
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "fashion_mnist_manifold.yaml"
 
 
 def load() -> tuple[np.ndarray, np.ndarray]:
@@ -62,14 +67,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--n-sample", type=int, default=70_000, help="rows the model fits on")
-    parser.add_argument("--n-runs", type=int, default=4, help="members of the consensus")
+    parser.add_argument("--job", type=Path, default=JOB,
+                        help="job spec whose manifold: settings are fitted")
+    parser.add_argument("--n-runs", type=int, default=None,
+                        help="members of the consensus (default: the job spec's)")
     parser.add_argument("--baseline", action="store_true", help="also score PCA + k-means")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", category=UserWarning)  # UMAP's seed/threads notice
 
     from distributed import Client, LocalCluster
 
+    spec = load_job_spec(args.job).manifold
+    if args.n_runs is not None:
+        spec = spec.model_copy(update={"n_runs": args.n_runs})
+    print(f"manifold settings ({args.job.name}): {spec.model_dump(exclude={'enabled'})}",
+          flush=True)
     X, y = load()
     rows: list[dict] = []
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
@@ -79,15 +91,14 @@ def main() -> None:
             idx = choose_sample_indices(len(X), args.n_sample, random_state=seed)
             images = client.scatter(X[idx])
             t0 = time.perf_counter()
-            model = fit_on_workers(ManifoldEnsemble(n_runs=args.n_runs, random_state=seed),
-                                   images, idx)
+            model = fit_on_workers(manifold_ensemble(spec, seed), images, idx)
             t1 = time.perf_counter()
             labels = model.predict(Xd).compute()
             t2 = time.perf_counter()
             scores = external_scores(contingency(y, labels, 10, 10))
             members = [external_scores(contingency(y[idx], m, 10, 10))
                        for m in model.member_labels_]
-            row = {"seed": seed, "n_sample": len(idx), "n_runs": args.n_runs, **scores,
+            row = {"seed": seed, "n_sample": len(idx), "n_runs": spec.n_runs, **scores,
                    **{f"member_{k}": statistics.mean(m[k] for m in members) for k in scores},
                    "member_acc_all": [round(m["acc"], 4) for m in members],
                    "stability": model.stability_, "fit_s": t1 - t0,
@@ -99,7 +110,7 @@ def main() -> None:
             rows.append(row)
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items()), flush=True)
-    print(f"\nmanifold-gmm consensus of {args.n_runs}, {len(rows)} seeds, sample "
+    print(f"\nmanifold-gmm consensus of {spec.n_runs}, {len(rows)} seeds, sample "
           f"{args.n_sample}, all {len(X):,} rows scored")
     keys = ["acc", "nmi", "ari", "member_acc", "member_nmi", "member_ari", "stability",
             "fit_s", "predict_s"]

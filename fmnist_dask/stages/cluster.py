@@ -171,6 +171,13 @@ def spectral(projected: da.Array, sample: Sample, spec: SpectralSpec, seed: int
     )
 
 
+def manifold_ensemble(spec: ManifoldSpec, seed: int) -> ManifoldEnsemble:
+    """The unfitted consensus a ``manifold:`` spec describes (also what the quality
+    benchmark fits, so that its figures are the job's)."""
+    member = ManifoldClustering(**spec.model_dump(exclude={"enabled", "n_runs"}))
+    return ManifoldEnsemble(member, n_runs=spec.n_runs, random_state=seed)
+
+
 def manifold(pixels: da.Array, sample: Sample, spec: ManifoldSpec, seed: int) -> ClusterResult:
     """``manifold-gmm``: a consensus of ``spec.n_runs`` fits on the sample's images, run in
     parallel on the workers; other rows by a k-NN vote per block.
@@ -183,9 +190,7 @@ def manifold(pixels: da.Array, sample: Sample, spec: ManifoldSpec, seed: int) ->
     """
     start = time.perf_counter()
     images = one_block(take_rows(pixels, sample.indices))
-    member = ManifoldClustering(**spec.model_dump(exclude={"enabled", "n_runs"}))
-    ensemble = ManifoldEnsemble(member, n_runs=spec.n_runs, random_state=seed)
-    model = fit_on_workers(ensemble, images, sample.indices)
+    model = fit_on_workers(manifold_ensemble(spec, seed), images, sample.indices)
     labels = model.predict(pixels).astype(np.int32).persist()
     da.compute(labels.sum())
     return ClusterResult(
