@@ -467,11 +467,11 @@ def fit_member(estimator: ManifoldClustering, X: np.ndarray, seed: int,
 class ManifoldEnsemble(_SampleImageClusterer, BaseEstimator):
     """Consensus of several :class:`ManifoldClustering` fits that differ only in their seed.
 
-    One fit's clusters depend on its random patch dictionary and shifted views (on all
-    70,000 Fashion-MNIST images, ACC 0.62-0.72 over 20 fits); the partition 4 members
-    agree on (:func:`consensus_labels`) scored better than its members' mean (ACC 0.697
-    vs 0.677, NMI 0.702 vs 0.695 over 5 seeds; docs/quality.md). No label is read:
-    members are combined by their agreement only.
+    One fit's clusters depend on its random patch dictionary, views and mixture start (on
+    all 70,000 Fashion-MNIST images, ACC 0.62-0.72 over 20 fits); the partition 4 members
+    agree on (:func:`consensus_labels`) scored better than its members' mean (with the
+    job file's settings ACC 0.718 vs 0.701, NMI 0.701 vs 0.701 over 5 seeds;
+    docs/quality.md). No label is read: members are combined by their agreement only.
 
     Rows outside the sample are labelled by the k-NN vote of the *reference* member (the
     one agreeing most with the others, by mean NMI), its sample points now carrying the
