@@ -170,6 +170,9 @@ def test_fit_takes_no_labels(subset):
     assert params["y"].default is None
     with pytest.raises(TypeError, match="unsupervised"):
         ManifoldClustering().fit(X[:50], y[:50])
+    # A mistyped start-selection rule fails before any of the costly steps.
+    with pytest.raises(ValueError, match="mixture_selection must be"):
+        ManifoldClustering(mixture_selection="largest").fit(X[:50])
 
 
 def _features_by_loops(image: np.ndarray, feat: PatchDictionaryFeatures) -> np.ndarray:

@@ -296,6 +296,9 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         """
         if y is not None:
             raise TypeError("ManifoldClustering is unsupervised: fit takes no labels (y=None)")
+        if self.mixture_selection not in ("likelihood", "balanced"):
+            raise ValueError("mixture_selection must be 'likelihood' or 'balanced', "
+                             f"got {self.mixture_selection!r}")
         import umap  # imported here: numba compiles it on first import (seconds)
 
         X = check_array(X, dtype=np.float32)
@@ -340,9 +343,6 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
             # sklearn's own n_init loop keeps the start with the highest likelihood bound.
             return GaussianMixture(self.n_clusters, covariance_type="full",
                                    n_init=self.n_init, random_state=seed).fit(embedding)
-        if self.mixture_selection != "balanced":
-            raise ValueError("mixture_selection must be 'likelihood' or 'balanced', "
-                             f"got {self.mixture_selection!r}")
         starts = [GaussianMixture(self.n_clusters, covariance_type="full",
                                   random_state=start_seed).fit(embedding)
                   for start_seed in check_random_state(seed).randint(2**31 - 1,
