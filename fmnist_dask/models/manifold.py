@@ -325,6 +325,10 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         reducer = umap.UMAP(
             n_neighbors=self.n_neighbors, min_dist=0.0, n_components=self.n_components,
             random_state=None if self.random_state is None else int(seeds[2]),
+            # The same approximate neighbour search (NN-descent) at every sample size: below
+            # 4,096 rows UMAP would otherwise compute all pairwise distances by calling its
+            # metric from Python once per pair, most of the fit's time on small samples.
+            force_approximation_algorithm=True,
         )
         with warnings.catch_warnings():
             # Seeded UMAP is single-threaded by design (its reproducible mode), and says so.
