@@ -9,7 +9,7 @@ FMNIST_MIRROR ?= $(firstword $(wildcard ../shared/data/fashion-mnist))
 export FMNIST_MIRROR
 PYTEST_ARGS ?=
 
-.PHONY: install data run test lint clean-venv
+.PHONY: install data run test browser lint clean-venv
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,14 @@ data: $(DATA)/fashion-mnist_train.csv
 run: install data
 	$(BIN)/fmnist-dask run $(JOB) $(RUN_ARGS)
 
-test: install
+# The report tests load pages in Debian's chromium: installed here (as root), not by a test.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends chromium >/dev/null; } \
+		|| echo "chromium is missing and was not installed (needs root and apt-get)"
+
+test: install browser
 	$(BIN)/ruff check fmnist_dask tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

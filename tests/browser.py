@@ -32,16 +32,8 @@ FLAGS = [
 ]
 
 
-def find_chromium(install: bool = True) -> str | None:
-    """Path of Debian's ``chromium``; installs it with apt-get when missing and we are root."""
-    found = shutil.which("chromium")
-    if found or not install:
-        return found
-    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-                       check=True, env=env, capture_output=True)
+def find_chromium() -> str | None:
+    """Path of Debian's ``chromium`` (``make browser`` installs it), or None."""
     return shutil.which("chromium")
 
 

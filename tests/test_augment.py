@@ -13,7 +13,7 @@ from fmnist_dask.config import AugmentSourceSpec, AugmentSpec, CleanSpec, DataSp
 from fmnist_dask.fetch import PIXEL_COLUMNS
 from fmnist_dask.stages import clean as clean_stage
 from fmnist_dask.stages.load import load
-from tests.test_cli import cli
+from tests.conftest import cli
 
 N_TRAIN = 300  # source rows per split
 
@@ -77,20 +77,24 @@ def test_factor_two_without_transforms_duplicates_every_row_once(tmp_path, real_
                                  "kept": N_TRAIN}
 
 
-def test_job_runs_end_to_end_on_augmented_csv_shards(tmp_path, real_dir):
+def test_job_runs_end_to_end_on_augmented_csv_shards(tmp_path, real_dir, dask_client):
+    # In-process on the session's cluster; the stages nothing here checks (EDA, t-SNE,
+    # silhouettes) are off.
     out = tmp_path / "aug"
     job = tmp_path / "job.yaml"
     job.write_text(
         "augment:\n  source: {limit_rows: 500}\n"
         "data:\n  format: csv\n  dir: " + str(out / "csv") + "\n"
         "  splits: {train: 'train/*.csv', test: 'test/*.csv'}\n"
-        "scores: {silhouette: sampled, silhouette_sample_size: 500}\n"
+        "eda: {enabled: false}\ntsne: {enabled: false}\nscores: {silhouette: 'off'}\n"
     )
+    scheduler = ("--scheduler", dask_client.scheduler.address)
     result = cli("augment", "--factor", "2", "--out", str(out), "--source-dir", str(real_dir),
-                 "--csv", "--seed", "3", str(job))
+                 "--csv", "--seed", "3", str(job), *scheduler)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["rows"] == {"train": 1000, "test": 1000}
-    result = cli("run", str(job), "--out", str(tmp_path / "runs"), "--run-name", "aug")
+    result = cli("run", str(job), "--out", str(tmp_path / "runs"), "--run-name", "aug",
+                 *scheduler)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "runs" / "aug" / "manifest.json").read_text())
     assert manifest["rows"]["total"]["kept"] == 2000
@@ -100,7 +104,8 @@ def test_job_runs_end_to_end_on_augmented_csv_shards(tmp_path, real_dir):
     assert manifest["pixels"] == {"bytes": 2000 * 784, "in_worker_memory": True}
     # Above persist_max_bytes the pixels stream from parquet on every pass: same results.
     job.write_text(job.read_text() + "persist_max_bytes: 0\n")
-    result = cli("run", str(job), "--out", str(tmp_path / "runs"), "--run-name", "streamed")
+    result = cli("run", str(job), "--out", str(tmp_path / "runs"), "--run-name", "streamed",
+                 *scheduler)
     assert result.returncode == 0, result.stderr[-3000:]
     streamed = json.loads((tmp_path / "runs" / "streamed" / "manifest.json").read_text())
     assert streamed["pixels"]["in_worker_memory"] is False

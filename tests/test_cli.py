@@ -1,13 +1,15 @@
-"""The command line, run as a real process: help, fetch, run, and its exit codes."""
+"""The command line: help, fetch, run, and its exit codes.
+
+The default job runs once per session as a real process (``job_runs`` in conftest.py); the
+commands whose process is not the point, and the job variants (manifold, a bad row), run
+in-process through ``cli.main``, the variants on the session's LocalCluster.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,16 +18,17 @@ import yaml
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from fmnist_dask.fetch import OFFICIAL_FILES, read_idx
-from tests.test_load_clean import write_rows
+from tests.conftest import (
+    DEFAULT_RUN_SEED,
+    N_TEST,
+    N_TRAIN,
+    REPO,
+    cli,
+    write_job,
+    write_subset,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "fmnist_dask.cli"]
 METHODS = ["kmeans_raw", "kmeans_pca", "gmm", "spectral"]
-
-
-def cli(*args: str, cwd: Path = REPO, timeout: float = 840) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 def test_help_lists_the_commands():
@@ -70,31 +73,19 @@ def test_fetch_refuses_a_file_whose_checksum_does_not_match(tmp_path, real_dir):
     assert not [p for p in dest.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def _subset(tmp_path: Path, real_arrays, n_train: int = 1500, n_test: int = 300) -> Path:
-    data = tmp_path / "csv"
-    data.mkdir()
-    write_rows(data / "fashion-mnist_train.csv", real_arrays["train"][1][:n_train],
-               real_arrays["train"][0][:n_train])
-    write_rows(data / "fashion-mnist_test.csv", real_arrays["test"][1][:n_test],
-               real_arrays["test"][0][:n_test])
-    return data
-
-
-def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_arrays):
-    data = _subset(tmp_path, real_arrays)
-    out = tmp_path / "outputs"
-    result = cli("run", "jobs/fashion_mnist.yaml", "--data", str(data), "--out", str(out),
-                 "--run-name", "subset", "--seed", "3")
+def test_run_on_a_real_subset_produces_a_complete_run_directory(job_runs, real_arrays):
+    # The shipped default job on the real subset, run once per session as a real process.
+    result, run = job_runs.default_process, job_runs.default
+    out = run.parent
     assert result.returncode == 0, result.stderr[-3000:]
-    run = out / "subset"
     assert result.stdout.strip().endswith(str(run))
     assert [p.name for p in out.iterdir()] == ["subset"]  # no temporary directory left
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "succeeded"
-    assert manifest["job"]["seed"] == 3
-    assert manifest["rows"]["train"] == {"read": 1500, "rejected": 0, "duplicates": 0,
-                                         "kept": 1500}
-    assert manifest["rows"]["test"]["kept"] == 300
+    assert manifest["job"]["seed"] == DEFAULT_RUN_SEED
+    assert manifest["rows"]["train"] == {"read": N_TRAIN, "rejected": 0, "duplicates": 0,
+                                         "kept": N_TRAIN}
+    assert manifest["rows"]["test"]["kept"] == N_TEST
     assert manifest["dashboard_link"].startswith("http://127.0.0.1:")
     assert manifest["cluster"]["n_workers"] >= 1
     assert manifest["versions"]["dask"] and manifest["versions"]["scikit-learn"]
@@ -102,11 +93,11 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
                   "spectral", "tsne", "evaluate"):
         assert manifest["stages"][stage]["status"] == "done"
         assert manifest["stages"][stage]["seconds"] > 0
-    images = np.concatenate([real_arrays["train"][0][:1500], real_arrays["test"][0][:300]])
+    images = np.concatenate([real_arrays["train"][0][:N_TRAIN], real_arrays["test"][0][:N_TEST]])
     assert manifest["eda"]["pixel_mean"] == pytest.approx(
         (images / 255).mean(), abs=1e-6)
     cleaned = pd.read_parquet(run / "cleaned")
-    assert len(cleaned) == 1800 and cleaned["row_id"].is_unique
+    assert len(cleaned) == N_TRAIN + N_TEST and cleaned["row_id"].is_unique
     for png in ("eda/sample_images.png", "eda/class_distribution.png",
                 "eda/pixel_histogram.png", "pca/explained_variance.png", "pca/components.png",
                 "comparison.png", "tsne/tsne_true_class.png",
@@ -121,10 +112,10 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
     assert metrics.loc["gmm", "log_likelihood"] < 0 < metrics.loc["gmm", "bic"]
     assert "| spectral | pca |" in (run / "comparison.md").read_text()
     embedding = pd.read_parquet(run / "embedding")
-    assert list(embedding.columns) == ["row_id", "x", "y"] and len(embedding) == 1800
+    assert list(embedding.columns) == ["row_id", "x", "y"] and len(embedding) == N_TRAIN + N_TEST
     assignments = pd.read_parquet(run / "assignments").sort_values("row_id")
-    assert len(assignments) == 1800
-    labels = np.concatenate([real_arrays["train"][1][:1500], real_arrays["test"][1][:300]])
+    assert len(assignments) == N_TRAIN + N_TEST
+    labels = np.concatenate([real_arrays["train"][1][:N_TRAIN], real_arrays["test"][1][:N_TEST]])
     np.testing.assert_array_equal(assignments["label"], labels)
     projected = pd.read_parquet(run / "projected").sort_values("row_id")
     assert list(projected.columns) == ["row_id", *[f"pc{i}" for i in range(1, 11)]]
@@ -150,20 +141,23 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(tmp_path, real_a
     assert "Dask dashboard: http://127.0.0.1:" in result.stderr
 
 
-def test_manifold_job_adds_the_manifold_gmm_method_to_every_row(tmp_path, real_arrays):
-    # The shipped job file, with the other costly methods off to keep the test short.
+def test_manifold_job_adds_the_manifold_gmm_method_to_every_row(tmp_path, real_arrays,
+                                                               dask_client):
+    # The shipped job file, with the other costly methods off to keep the test short, on the
+    # session's cluster (whose workers have UMAP compiled already, or keep it compiled).
     spec = yaml.safe_load((REPO / "jobs/fashion_mnist_manifold.yaml").read_text())
     assert spec["manifold"]["enabled"] is True
-    spec |= {"eda": {"enabled": False}, "gmm": {"enabled": False},
-             "spectral": {"enabled": False}, "tsne": {"enabled": False},
-             "sample": {"size": 2500}}  # 2,500 of 3,000 rows fitted, 500 by the vote
     assert spec["manifold"]["n_runs"] == 4
-    spec["manifold"]["n_runs"] = 2  # a consensus still, one fit per worker
-    job = tmp_path / "manifold.yaml"
-    job.write_text(yaml.safe_dump(spec, sort_keys=False))
-    data = _subset(tmp_path, real_arrays, n_train=2500, n_test=500)
+    manifold = spec["manifold"] | {"n_runs": 2}  # a consensus still, one fit per worker
+    job = write_job(tmp_path / "manifold.yaml", "jobs/fashion_mnist_manifold.yaml",
+                    eda={"enabled": False}, gmm={"enabled": False},
+                    spectral={"enabled": False}, tsne={"enabled": False},
+                    sample={"size": 2500},  # 2,500 of 3,000 rows fitted, 500 by the vote
+                    manifold=manifold)
+    data = write_subset(tmp_path / "csv", real_arrays, n_train=2500, n_test=500)
     out = tmp_path / "outputs"
-    result = cli("run", str(job), "--data", str(data), "--out", str(out), "--run-name", "m")
+    result = cli("run", str(job), "--data", str(data), "--out", str(out), "--run-name", "m",
+                 "--scheduler", dask_client.scheduler.address)
     assert result.returncode == 0, result.stderr[-3000:]
     run = out / "m"
     manifest = json.loads((run / "manifest.json").read_text())
@@ -190,22 +184,28 @@ def test_manifold_job_adds_the_manifold_gmm_method_to_every_row(tmp_path, real_a
     assert (run / "clusters/manifold_gmm_contingency.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_run_with_a_bad_row_fails_clearly_and_leaves_no_finished_run(tmp_path, real_arrays):
-    data = _subset(tmp_path, real_arrays, 200, 50)
+def test_run_with_a_bad_row_fails_clearly_and_leaves_no_finished_run(tmp_path, real_arrays,
+                                                                     dask_client):
+    data = write_subset(tmp_path / "csv", real_arrays, 200, 50)
     path = data / "fashion-mnist_test.csv"
     lines = path.read_text().splitlines()
     lines[10] = lines[10].rsplit(",", 1)[0] + ",256"
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "outputs"
-    result = cli("run", "--data", str(data), "--out", str(out), "--run-name", "bad")
+    scheduler = ("--scheduler", dask_client.scheduler.address)
+    result = cli("run", "--data", str(data), "--out", str(out), "--run-name", "bad", *scheduler)
     assert result.returncode == 3
     assert f"{path}: line 11, column pixel784: pixel not in 0..255: '256'" in result.stderr
     assert not (out / "bad").exists()
     failed = json.loads((out / "bad.failed" / "manifest.json").read_text())
     assert failed["status"] == "failed" and "line 11" in failed["error"]
 
-    result = cli("run", "--data", str(data), "--out", str(out), "--run-name", "quarantined",
-                 "--on-bad-rows", "quarantine")
+    # Only what quarantine changes runs: load and clean (every later stage is checked above).
+    off = {"enabled": False}
+    job = write_job(tmp_path / "clean-only.yaml", eda=off, kmeans=off, reduce=off, gmm=off,
+                    spectral=off, tsne=off)
+    result = cli("run", str(job), "--data", str(data), "--out", str(out), "--run-name",
+                 "quarantined", "--on-bad-rows", "quarantine", *scheduler)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((out / "quarantined" / "manifest.json").read_text())
     assert manifest["rows"]["test"] == {"read": 50, "rejected": 1, "duplicates": 0, "kept": 49}

@@ -17,21 +17,15 @@ what the job saw, tagged with the stage.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import os
-import pty
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -45,19 +39,8 @@ from fmnist_dask.dask_cluster import ClusterError, LocalConfig, RemoteConfig, op
 from fmnist_dask.progress import StageProgress, performance_report
 from fmnist_dask.rundir import open_run
 from tests.cluster_procs import dask_processes, free_port, make_tls_files
-from tests.test_load_clean import write_rows
+from tests.conftest import N_TEST, N_TRAIN, running, saved_logging
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "fmnist_dask.cli"]
-#: The environment before any test ran. A LocalCluster started in this process (the
-#: ``dask_client`` fixture) writes OMP_NUM_THREADS=1 and friends into ``os.environ`` (its
-#: nannies' pre-spawn settings); a job started after that would run its client-side linear
-#: algebra (the PCA's eigendecomposition) single-threaded, which changes the last bits of
-#: the PCA and so of the scores. Every run here gets the same, original environment.
-BASE_ENV = dict(os.environ)
-N_TRAIN, N_TEST = 1500, 300
-SEED = 7
-RUN_TIMEOUT = 300  # seconds; only a guard against a hang, generous for a shared machine
 #: One log line: UTC time, level, [stage], message.
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL)"
                   r" +\[([\w-]+)\] ")
@@ -67,116 +50,6 @@ PROGRESS = re.compile(r"\[(\w+)\] (\d+)/(\d+) tasks, (\d+) running, (\d+\.\d) s"
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Running:
-    """A ``fmnist-dask run`` process in its own session (its group holds the local cluster)."""
-
-    proc: subprocess.Popen
-    out: Path
-    name: str
-    stdout_path: Path
-    stderr_path: Path | None
-    tty_chunks: list[bytes] = field(default_factory=list)
-    reader: threading.Thread | None = None
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.out / f".{self.name}.incomplete" / "manifest.json"
-
-    def stage_status(self, stage: str) -> str | None:
-        try:
-            manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):  # not written yet, or gone
-            return None
-        return manifest.get("stages", {}).get(stage, {}).get("status")
-
-    def wait_for_stage(self, stage: str, timeout: float = RUN_TIMEOUT) -> None:
-        """Return as soon as the manifest says ``stage`` is running."""
-        deadline = time.monotonic() + timeout
-        while self.stage_status(stage) != "running":
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the run ended before stage {stage} ran:\n{self.stderr()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"stage {stage} did not start within {timeout} s")
-            time.sleep(0.05)
-
-    def finish(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            if self.reader is not None:
-                self.reader.join(timeout=10)
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    def stderr(self) -> str:
-        if self.stderr_path is None:
-            return b"".join(self.tty_chunks).decode(errors="replace")
-        return self.stderr_path.read_text()
-
-    def kill(self) -> None:
-        """SIGKILL the run's whole process group (it and its local cluster), if still there."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=30)
-
-
-def _default_sigint() -> None:
-    # A shell starting pytest in the background without job control makes SIGINT ignored,
-    # and ignored dispositions are inherited: the CLI must see Ctrl-C as a user's shell sends it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start_run(tmp: Path, job: Path, out: Path, name: str, *args: str,
-              tty: bool = False) -> Running:
-    """Start ``fmnist-dask run`` with stderr on a pseudo-terminal (``tty``) or in a file."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    stdout_path = tmp / f"{name}.stdout"
-    cmd = [*CLI, "run", str(job), "--out", str(out), "--run-name", name, *args]
-    with open(stdout_path, "wb") as stdout:
-        if not tty:
-            stderr_path = tmp / f"{name}.stderr"
-            with open(stderr_path, "wb") as stderr:
-                proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout,
-                                        stderr=stderr, start_new_session=True, env=BASE_ENV,
-                                        preexec_fn=_default_sigint)
-            return Running(proc, out, name, stdout_path, stderr_path)
-        master, slave = pty.openpty()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=slave, start_new_session=True, env=BASE_ENV,
-                                preexec_fn=_default_sigint)
-    os.close(slave)
-    running = Running(proc, out, name, stdout_path, None)
-
-    def read() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            running.tty_chunks.append(chunk)
-        os.close(master)
-
-    running.reader = threading.Thread(target=read, daemon=True)
-    running.reader.start()
-    return running
-
-
-@contextlib.contextmanager
-def running(*args, **kwargs):
-    """``start_run`` that never leaves the process (or its local cluster) behind."""
-    run = start_run(*args, **kwargs)
-    try:
-        yield run
-    finally:
-        if run.proc.poll() is None:
-            run.kill()
 
 
 def results(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -228,42 +101,20 @@ def failed_run(out: Path, name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures
+# Fixtures: the job spec and the undisturbed reference run are the session's (conftest.py)
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, real_arrays) -> Path:
-    """The job spec every run here uses, on a real CSV subset."""
-    base = tmp_path_factory.mktemp("ops-job")
-    data = base / "csv"
-    data.mkdir()
-    write_rows(data / "fashion-mnist_train.csv", real_arrays["train"][1][:N_TRAIN],
-               real_arrays["train"][0][:N_TRAIN])
-    write_rows(data / "fashion-mnist_test.csv", real_arrays["test"][1][:N_TEST],
-               real_arrays["test"][0][:N_TEST])
-    spec = {
-        "name": "ops", "seed": SEED,
-        "data": {"dir": str(data), "blocksize": "1MiB"},  # several blocks per worker
-        "eda": {"enabled": False},
-        "kmeans": {"max_iter": 50},
-        "spectral": {"enabled": False},
-        "tsne": {"enabled": False},
-        "scores": {"silhouette": "off", "images_per_cluster": 2},
-    }
-    path = base / "ops.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+def job(ops_job) -> Path:
+    """The job spec every run here uses, on the real CSV subset."""
+    return ops_job
 
 
 @pytest.fixture(scope="module")
-def reference(job, tmp_path_factory) -> tuple[Path, str]:
+def reference(job_runs) -> tuple[Path, str]:
     """The undisturbed run on a LocalCluster, with stderr on a terminal: (run dir, terminal)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    with running(tmp, job, tmp / "out", "local", tty=True) as run:
-        code = run.finish()
-        assert code == 0, run.stderr()[-3000:]
-    return tmp / "out" / "local", run.stderr()
+    return job_runs.ops, job_runs.ops_terminal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,27 +198,6 @@ def test_stage_progress_counts_the_tasks_each_stage_runs(dask_client, tmp_path):
     text = screen.stream.getvalue()
     assert "[shown] " in text and " tasks, " in text
     assert text.endswith("\r\x1b[K")  # the last line drawn was erased at the end
-
-
-@contextlib.contextmanager
-def saved_logging():
-    """Undo :func:`logs.configure` after a test (it rewires process-wide logging)."""
-    names = ["", "fmnist_dask", *logs.THIRD_PARTY, "asyncio",
-             *[n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]]
-    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).level,
-                 logging.getLogger(n).propagate) for n in names}
-    try:
-        yield
-    finally:
-        for name, (handlers, level, propagate) in saved.items():
-            logger = logging.getLogger(name)
-            for handler in list(logger.handlers):
-                logger.removeHandler(handler)
-            for handler in handlers:
-                logger.addHandler(handler)
-            logger.setLevel(level)
-            logger.propagate = propagate
-        logging.captureWarnings(False)
 
 
 def test_log_lines_name_time_level_and_stage(tmp_path):

@@ -13,16 +13,7 @@ from fmnist_dask.fetch import CSV_COLUMNS, LABEL_NAMES, PIXEL_COLUMNS
 from fmnist_dask.stages import clean as clean_stage
 from fmnist_dask.stages import eda as eda_stage
 from fmnist_dask.stages.load import InputError, load
-
-
-def write_rows(path: Path, labels, pixels, header: str | None = None) -> Path:
-    """A Kaggle-layout CSV with the given rows (labels may be None for unlabelled)."""
-    columns = CSV_COLUMNS if labels is not None else PIXEL_COLUMNS
-    table = pixels if labels is None else np.column_stack([labels, pixels])
-    lines = [header if header is not None else ",".join(columns)]
-    lines += [",".join(str(int(v)) for v in row) for row in table]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.conftest import write_rows
 
 
 def run_clean(tmp_path: Path, spec: DataSpec, clean_spec: CleanSpec | None = None):

@@ -11,6 +11,7 @@ worst seed, and the required gain over the reference is half the smallest measur
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
@@ -22,7 +23,7 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
 from fmnist_dask.augment import rotate
-from fmnist_dask.config import load_job_spec
+from fmnist_dask.config import ManifoldSpec, load_job_spec
 from fmnist_dask.metrics import contingency, external_scores
 from fmnist_dask.models.features import PatchDictionaryFeatures, _pool_edges
 from fmnist_dask.models.manifold import (
@@ -61,10 +62,48 @@ def subset(real_arrays):
     return X.astype(np.float32), y
 
 
-def test_manifold_clustering_beats_pca_kmeans_without_labels(subset, dask_client):
+def _fit_single(images: np.ndarray, sample: np.ndarray) -> ManifoldClustering:
+    return ManifoldClustering(random_state=0).fit(images, sample_indices=sample)
+
+
+def _fit_alone(member: ManifoldClustering, images: np.ndarray, sample: np.ndarray) -> dict:
+    fitted = clone(member).fit(images, sample_indices=sample)
+    return {"labels": fitted.labels_, "start_scores": fitted.start_scores_,
+            "kept": balanced_mixture_score(fitted.mixture_, fitted.embedding_)}
+
+
+@dataclass
+class Fits:
+    """The module's costly fits on the 4,000 sample images, made once."""
+
+    spec: ManifoldSpec  # the shipped manifold job's settings
+    ensemble: ManifoldEnsemble  # as given to fit_on_workers (3 members)
+    model: ManifoldEnsemble  # what fit_on_workers returned
+    alone: dict  # member 1 fitted alone on a worker
+    single: ManifoldClustering  # one default fit, model seed 0
+
+
+@pytest.fixture(scope="module")
+def fits(subset, dask_client) -> Fits:
+    """All five fits at once on the cluster's two workers (the single fit and member 1 alone
+    are submitted first, the ensemble's three members queue behind them), so neither worker
+    waits while the other fits."""
+    X, _ = subset
+    sample = np.arange(N_SAMPLE)
+    images = dask_client.scatter(X[sample])
+    spec = load_job_spec(REPO / "jobs" / "fashion_mnist_manifold.yaml").manifold
+    ensemble = manifold_ensemble(spec.model_copy(update={"n_runs": 3}), seed=0)
+    member = ensemble.member_template().set_params(random_state=ensemble.member_seeds()[1])
+    single = dask_client.submit(_fit_single, images, sample, pure=False)
+    alone = dask_client.submit(_fit_alone, member, images, sample, pure=False)
+    model = fit_on_workers(ensemble, images, sample)
+    return Fits(spec, ensemble, model, alone.result(), single.result())
+
+
+def test_manifold_clustering_beats_pca_kmeans_without_labels(subset, fits):
     X, y = subset
     sample = np.arange(N_SAMPLE)
-    model = ManifoldClustering(random_state=0).fit(X[sample], sample_indices=sample)
+    model = fits.single
     assert model.labels_.shape == (N_SAMPLE,)
     assert set(np.unique(model.labels_)) <= set(range(10))
 
@@ -104,28 +143,17 @@ def test_consensus_recovers_the_partition_most_members_agree_on():
     assert _scores(truth, got)["acc"] == 1.0
 
 
-def _fit_alone(member: ManifoldClustering, images: np.ndarray, sample: np.ndarray) -> dict:
-    fitted = clone(member).fit(images, sample_indices=sample)
-    return {"labels": fitted.labels_, "start_scores": fitted.start_scores_,
-            "kept": balanced_mixture_score(fitted.mixture_, fitted.embedding_)}
-
-
-def test_ensemble_of_seeded_fits_on_the_workers(subset, dask_client):
+def test_ensemble_of_seeded_fits_on_the_workers(subset, fits):
     # The shipped job's settings (rotated views, balanced start selection), 3 members.
     X, y = subset
     sample = np.arange(N_SAMPLE)
-    spec = load_job_spec(REPO / "jobs" / "fashion_mnist_manifold.yaml").manifold
+    spec, ensemble, model, alone = fits.spec, fits.ensemble, fits.model, fits.alone
     assert spec.mixture_selection == "balanced"
-    ensemble = manifold_ensemble(spec.model_copy(update={"n_runs": 3}), seed=0)
-    images = dask_client.scatter(X[sample])
-    model = fit_on_workers(ensemble, images, sample)
     assert not hasattr(ensemble, "labels_")  # the fitted copy came back; the spec is untouched
     seeds = ensemble.member_seeds()
     assert len(set(seeds.tolist())) == 3
     # Each member is the fit with its seed (run alone on a worker too: thread counts there
     # differ from this process's, and a different float summation order moves UMAP).
-    member = ensemble.member_template().set_params(random_state=seeds[1])
-    alone = dask_client.submit(_fit_alone, member, images, sample).result()
     np.testing.assert_array_equal(model.member_labels_[1], alone["labels"])
     # The start kept is the best by the balanced score, among spec.n_init starts.
     assert alone["start_scores"].shape == (spec.n_init,)
