@@ -34,9 +34,11 @@ browser:
 		--no-install-recommends chromium >/dev/null; } \
 		|| echo "chromium is missing and was not installed (needs root and apt-get)"
 
+# Two test processes, one per core: each takes whole groups of tests (a module, or the modules
+# that read the session's shared job runs: tests/conftest.py), so no costly fixture runs twice.
 test: install browser
 	$(BIN)/ruff check fmnist_dask tests benchmarks
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -381,3 +381,20 @@ def job_runs(tmp_path_factory, subset_csv, ops_job) -> JobRuns:
     assert default.returncode == 0, stderr[-3000:]
     assert code == 0, ops.stderr()[-3000:]
     return JobRuns(out / "subset", default_process, root / "ops" / "local", ops.stderr())
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel runs (pytest-xdist, ``--dist loadgroup``)
+# ---------------------------------------------------------------------------------------------
+
+#: Modules that read the session's job runs: one group, so the runs are made once.
+JOB_RUN_MODULES = {"test_cli", "test_report", "test_cluster_ops"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep each module on one test process (its module fixtures are made once), and the
+    modules that share the job runs together."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        group = "job_runs" if module in JOB_RUN_MODULES else module
+        item.add_marker(pytest.mark.xdist_group(group))
