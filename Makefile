@@ -38,7 +38,7 @@ browser:
 # that read the session's shared job runs: tests/conftest.py), so no costly fixture runs twice.
 test: install browser
 	$(BIN)/ruff check fmnist_dask tests benchmarks
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

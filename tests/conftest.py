@@ -384,17 +384,28 @@ def job_runs(tmp_path_factory, subset_csv, ops_job) -> JobRuns:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parallel runs (pytest-xdist, ``--dist loadgroup``)
+# Parallel runs (pytest-xdist, ``make test`` runs ``-n 2``)
 # ---------------------------------------------------------------------------------------------
 
-#: Modules that read the session's job runs: one group, so the runs are made once.
+#: Modules that read the session's job runs: one unit of work, so the runs are made once.
 JOB_RUN_MODULES = {"test_cli", "test_report", "test_cluster_ops"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep each module on one test process (its module fixtures are made once), and the
-    modules that share the job runs together."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        group = "job_runs" if module in JOB_RUN_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module, or ``job_runs`` for the modules that
+    share the session's job runs."""
+    module = nodeid.split("::", 1)[0]
+    return "job_runs" if Path(module).stem in JOB_RUN_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Give each test process whole modules (their module fixtures are made once) and the
+    job-run modules together. (xdist's own ``loadgroup`` marks do not reach its scheduler
+    under pytest 9, which no longer lets a plugin rename a test.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ModuleGroups(config, log)
