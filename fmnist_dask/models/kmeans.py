@@ -519,8 +519,11 @@ def _fit_in_one_task(
     est._n_init = n_init
     n_jobs = params["n_jobs"] or _n_cpus()
     threads = max(1, min(n_jobs, len(blocks)))
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-        return est._fit_passes(_LocalPasses(blocks, est.split_every, pool.map), rs)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads == 1:
+            return est._fit_passes(_LocalPasses(blocks, est.split_every, map), rs)
+        with ThreadPoolExecutor(threads) as pool:
+            return est._fit_passes(_LocalPasses(blocks, est.split_every, pool.map), rs)
 
 
 # --- the estimator --------------------------------------------------------------------
