@@ -4,6 +4,12 @@ Every pass over the data runs one numpy kernel per row block on the workers; onl
 centres go out and only per-block partial sums and counts (k x (d + 1) numbers) come back,
 added by a tree reduction. The full array never reaches the client.
 
+Two paths, chosen by size (``max_local_bytes``): X that fits on a worker is fitted inside
+one task there, the same kernels looping over its blocks with no scheduler round trip per
+pass (at Fashion-MNIST sizes a round trip costs more than a PCA-10 Lloyd iteration's
+arithmetic); larger X is fitted with one round trip per pass and is never gathered. Both
+paths add the per-block partials in the same fixed order, so they give identical fits.
+
 Why not ``dask_ml.cluster.KMeans``: with dask-ml 2025.1.0 its ``inertia_`` is a sum of
 unsquared distances, ``init='k-means++'`` raises a TypeError, and it was several times
 slower than scikit-learn at Fashion-MNIST sizes (see ``docs/benchmarks.md``).
@@ -11,11 +17,14 @@ slower than scikit-learn at Fashion-MNIST sizes (see ``docs/benchmarks.md``).
 Determinism: the random draws of the initialisation use one generator per (round, block)
 seeded from ``random_state``, and every reduction is a fixed tree over the blocks, so the
 same seed and the same chunking give identical centres and labels however many workers
-run them. Different chunkings draw different k-means|| candidates (as a different seed
-would).
+run them, and on either path. Different chunkings draw different k-means|| candidates
+(as a different seed would). The one-task path runs each block's products with one BLAS
+thread, as Dask workers do (their nanny sets it); the identity with the distributed path
+assumes that setting there too.
 
 The caller should persist ``X`` (``X = X.persist()``) when it fits in the workers' memory:
-``fit`` makes about ``2 * init_rounds + n_iter_ + 3`` passes over it.
+on the distributed path ``fit`` makes about ``2 * init_rounds + n_iter_ + 3`` passes over
+it.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from threadpoolctl import threadpool_limits
 
 from fmnist_dask._blocks import (
     SUB_ROWS,
+    aligned_block,
     block_partials,
     block_rows,
     exact_sq_dists,
@@ -268,6 +278,7 @@ def _k_step(
     """
     *old, consts, k = args  # no state on the first step
     state = old[0] if old else None
+    xb = aligned_block(xb)
     new = _k_bounded_assign(xb, state, *consts)
     return new, _k_moves(xb, state, new, k, consts[6])
 
@@ -375,7 +386,7 @@ def _call_vector(
     xb: np.ndarray, *blocks: np.ndarray, kernel: Callable, consts: tuple
 ) -> np.ndarray:
     # aligned vectors travel as (rows, 1) columns (see _blocks._call_kernel)
-    return kernel(xb, *[b[:, 0] for b in blocks], *consts)
+    return kernel(aligned_block(xb), *[b[:, 0] for b in blocks], *consts)
 
 
 class _ClusterPasses:
@@ -448,7 +459,9 @@ class _LocalPasses:
     """
 
     def __init__(self, blocks: list[np.ndarray], split_every: int, map_: Callable) -> None:
-        self.blocks, self.split_every, self._map = blocks, split_every, map_
+        # aligned once here; the distributed path aligns in every kernel call instead
+        self.blocks = [aligned_block(b) for b in blocks]
+        self.split_every, self._map = split_every, map_
         sizes = [len(b) for b in blocks]
         self.offsets = [0, *np.cumsum(sizes).tolist()]
         self.n, self.d = self.offsets[-1], blocks[0].shape[1]
@@ -639,8 +652,9 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         X : dask.array.Array of shape (n_samples, n_features)
             Float data chunked by rows with known chunk sizes (numpy is accepted and
             wrapped in one block; integer data is cast to float32). Persist it first
-            when it fits in the workers' memory: fit reads it about
-            ``2 * init_rounds + n_iter + 4`` times.
+            when it fits in the workers' memory: on the distributed path fit reads it
+            about ``2 * init_rounds + n_iter + 4`` times (once, into one task, when it is
+            at most ``max_local_bytes``).
         y : None
             Ignored.
 
