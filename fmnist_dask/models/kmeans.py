@@ -520,7 +520,7 @@ def _n_cpus() -> int:
 
 
 def _fit_in_one_task(
-    params: dict, n_init: int, rs: np.random.RandomState, blocks: list[np.ndarray]
+    cls: type, params: dict, n_init: int, rs: np.random.RandomState, blocks: list[np.ndarray]
 ) -> dict:
     """The whole fit on X's blocks inside one task; returns the fitted attributes.
 
@@ -528,7 +528,7 @@ def _fit_in_one_task(
     every block product is computed as on the distributed path; the cores are used by
     processing blocks in parallel instead.
     """
-    est = DaskKMeans(**params)
+    est = cls(**params)  # a fresh copy: the caller's may hold a previous fit's graphs
     est._n_init = n_init
     n_jobs = params["n_jobs"] or _n_cpus()
     threads = max(1, min(n_jobs, len(blocks)))
@@ -675,7 +675,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             # holding most of X, and the other blocks are sent there once.
             blocks = X.to_delayed().ravel().tolist()
             fitted = dask.delayed(_fit_in_one_task, pure=False)(
-                self.get_params(), self._n_init, rs, blocks
+                type(self), self.get_params(), self._n_init, rs, blocks
             ).compute()
         else:
             fitted = self._fit_passes(_ClusterPasses(X, self.split_every), rs)
