@@ -19,9 +19,10 @@ Reproduce::
     source .venv/bin/activate
     python benchmarks/bench_core.py --repeats 3 --json /tmp/bench_core.json
 
-``--quick`` skips the equal-work and dask-ml comparisons, ``--no-silhouette`` the
-silhouettes; ``--sklearn-sil-raw`` runs scikit-learn's 70,000 x 784 silhouette instead of
-extrapolating it from 20,000 rows (O(n^2)); ``--rows N`` is a smoke test on N rows.
+``--quick`` skips the equal-work and dask-ml comparisons, ``--no-dask-ml`` only the
+dask-ml ones, ``--no-silhouette`` the silhouettes; ``--sklearn-sil-raw`` runs
+scikit-learn's 70,000 x 784 silhouette instead of extrapolating it from 20,000 rows
+(O(n^2)); ``--rows N`` is a smoke test on N rows.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--dask-ml-repeats", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-silhouette", action="store_true")
+    parser.add_argument("--no-dask-ml", action="store_true")
     parser.add_argument("--sklearn-sil-raw", action="store_true")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--json", type=Path)
@@ -165,7 +167,7 @@ def main() -> None:
             run("ours KMeans raw n_init=1", ours_kmeans(dX, 1), R, log)
             run("ours KMeans PCA-10 n_init=1", ours_kmeans(Z, 1), R, log)
             run("sklearn KMeans PCA-10 n_init=10", sk_kmeans(Zn, 10), R, log)
-
+        if not args.quick and not args.no_dask_ml:
             from dask_ml.cluster import KMeans as DMLKMeans
 
             def dml_kmeans(data: da.Array) -> Callable[[int], dict]:

@@ -105,14 +105,16 @@ def test_hand_computed_two_groups():
     assert km.score(da.from_array(X, chunks=5)) == pytest.approx(-10.0)
 
 
+@pytest.mark.parametrize("max_local_bytes", [None, 0])  # in one task, across the workers
 @pytest.mark.parametrize("d", [3, 40])  # without and with the distance bounds
-def test_empty_cluster_relocated_like_sklearn(d):
+def test_empty_cluster_relocated_like_sklearn(d, max_local_bytes):
     # The third start is far from every row: it gets no row in the first iteration and is
     # moved to the row farthest from its centre, as scikit-learn does.
     rng = np.random.default_rng(0)
     X = np.concatenate([rng.normal(0, 1, (300, d)), rng.normal(8, 1, (300, d))])
     init = np.stack([np.zeros(d), np.full(d, 8.0), np.full(d, 100.0)])
-    ours = DaskKMeans(n_clusters=3, init=init, random_state=0).fit(da.from_array(X, chunks=128))
+    ours = DaskKMeans(n_clusters=3, init=init, random_state=0,
+                      max_local_bytes=max_local_bytes).fit(da.from_array(X, chunks=128))
     ref = KMeans(n_clusters=3, init=init, n_init=1, algorithm="lloyd").fit(X)
     assert ours.n_empty_relocations_ >= 1
     np.testing.assert_allclose(ours.cluster_centers_, ref.cluster_centers_, atol=1e-10)
@@ -172,3 +174,44 @@ def test_rejects_bad_input():
     km = DaskKMeans(n_clusters=2, random_state=0).fit(da.from_array(np.eye(4), chunks=2))
     with pytest.raises(ValueError, match="features"):
         km.predict(da.ones((3, 5), chunks=3))
+
+
+@pytest.mark.parametrize("data", ["pca10", "raw", "raw uint8 scaled lazily"])
+def test_one_task_and_distributed_paths_identical(data, pca10, raw_subset, real_arrays,
+                                                   monkeypatch):
+    # Same data, chunks and seed: the fit inside one task (small data) and the fit across
+    # the workers (large data) must agree bit for bit. 12 blocks with split_every=4 also
+    # exercise a level of the ordered tree on the workers.
+    from fmnist_dask.models import kmeans as kmeans_module
+
+    if data == "pca10":
+        dX = da.from_array(pca10[:24000], chunks=(2000, 10)).persist()
+    elif data == "raw":
+        dX = da.from_array(raw_subset[:6000], chunks=(500, 784)).persist()
+    else:  # as the job: uint8 pixels on the workers, scaled per block inside the fit
+        pixels = da.from_array(real_arrays["test"][0][:6000], chunks=(500, 784)).persist()
+        dX = pixels.astype(np.float32) / np.float32(255)
+    distributed_fits = []
+    real_passes = kmeans_module._ClusterPasses
+
+    def recording_passes(*args, **kwargs):
+        distributed_fits.append(1)
+        return real_passes(*args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "_ClusterPasses", recording_passes)
+    params = dict(n_clusters=10, n_init=3, random_state=5, split_every=4)
+    one = DaskKMeans(**params).fit(dX)  # default threshold: this X fits in one task
+    assert not distributed_fits
+    across = DaskKMeans(**params, max_local_bytes=0).fit(dX)
+    assert distributed_fits == [1]
+    np.testing.assert_array_equal(one.labels_.compute(), across.labels_.compute())
+    np.testing.assert_array_equal(one.cluster_centers_, across.cluster_centers_)
+    np.testing.assert_array_equal(one.inertia_per_run_, across.inertia_per_run_)
+    assert one.inertia_ == across.inertia_
+    assert one.n_iter_ == across.n_iter_
+    assert one.n_candidates_ == across.n_candidates_
+    assert one.n_empty_relocations_ == across.n_empty_relocations_
+    # the number of threads of the one-task fit changes nothing either
+    single = DaskKMeans(**params, n_jobs=1).fit(dX)
+    np.testing.assert_array_equal(single.cluster_centers_, one.cluster_centers_)
+    assert single.inertia_ == one.inertia_

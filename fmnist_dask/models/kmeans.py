@@ -4,6 +4,12 @@ Every pass over the data runs one numpy kernel per row block on the workers; onl
 centres go out and only per-block partial sums and counts (k x (d + 1) numbers) come back,
 added by a tree reduction. The full array never reaches the client.
 
+Two paths, chosen by size (``max_local_bytes``): X that fits on a worker is fitted inside
+one task there, the same kernels looping over its blocks with no scheduler round trip per
+pass (at Fashion-MNIST sizes a round trip costs more than a PCA-10 Lloyd iteration's
+arithmetic); larger X is fitted with one round trip per pass and is never gathered. Both
+paths add the per-block partials in the same fixed order, so they give identical fits.
+
 Why not ``dask_ml.cluster.KMeans``: with dask-ml 2025.1.0 its ``inertia_`` is a sum of
 unsquared distances, ``init='k-means++'`` raises a TypeError, and it was several times
 slower than scikit-learn at Fashion-MNIST sizes (see ``docs/benchmarks.md``).
@@ -11,15 +17,21 @@ slower than scikit-learn at Fashion-MNIST sizes (see ``docs/benchmarks.md``).
 Determinism: the random draws of the initialisation use one generator per (round, block)
 seeded from ``random_state``, and every reduction is a fixed tree over the blocks, so the
 same seed and the same chunking give identical centres and labels however many workers
-run them. Different chunkings draw different k-means|| candidates (as a different seed
-would).
+run them, and on either path. Different chunkings draw different k-means|| candidates
+(as a different seed would). The one-task path runs each block's products with one BLAS
+thread, as Dask workers do (their nanny sets it); the identity with the distributed path
+assumes that setting there too.
 
 The caller should persist ``X`` (``X = X.persist()``) when it fits in the workers' memory:
-``fit`` makes about ``2 * init_rounds + n_iter_ + 3`` passes over it.
+on the distributed path ``fit`` makes about ``2 * init_rounds + n_iter_ + 3`` passes over
+it.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -30,15 +42,19 @@ from sklearn.cluster import KMeans
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
 
 from fmnist_dask._blocks import (
     SUB_ROWS,
+    aligned_block,
     block_partials,
     block_rows,
     exact_sq_dists,
-    few_partials,
+    ordered_sum,
+    ordered_tree,
     scratch,
-    tree_sum,
+    shared_consts,
+    sum_rows_in_order,
     validate_rows,
 )
 from fmnist_dask.sampling import take_rows
@@ -84,8 +100,12 @@ def _k_min_sqdist(xb: np.ndarray, centers: np.ndarray) -> np.ndarray:
 
 
 def _k_update_min_sqdist(xb: np.ndarray, prev: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    # prev arrives as a (rows, 1) column aligned with the block's rows
-    return np.minimum(prev[:, 0], _k_min_sqdist(xb, centers))
+    return np.minimum(prev, _k_min_sqdist(xb, centers))
+
+
+def _vector_total(vb: np.ndarray) -> np.ndarray:
+    """The block's sum of a per-row vector, shape (1,): one partial of its total."""
+    return np.array([vb.sum()])
 
 
 def _k_shifted_moments(xb: np.ndarray, shift: np.ndarray, **_: Any) -> np.ndarray:
@@ -258,6 +278,7 @@ def _k_step(
     """
     *old, consts, k = args  # no state on the first step
     state = old[0] if old else None
+    xb = aligned_block(xb)
     new = _k_bounded_assign(xb, state, *consts)
     return new, _k_moves(xb, state, new, k, consts[6])
 
@@ -351,6 +372,173 @@ def _lloyd_step(
     return new, parts
 
 
+# --- passes over X: across the workers, or inside one task ----------------------------
+#
+# The fit is written once against the small interface below. ``_ClusterPasses`` runs each
+# pass as a dask graph (one scheduler round trip per pass, data of any size);
+# ``_LocalPasses`` runs the same kernels on the same blocks inside one task (no round
+# trips, data that fits on a worker). Both add the per-block partials with
+# :func:`ordered_tree`/:func:`ordered_sum` (the same groups, the same order), so the two
+# paths give bit-for-bit the same fit.
+
+
+def _call_vector(
+    xb: np.ndarray, *blocks: np.ndarray, kernel: Callable, consts: tuple
+) -> np.ndarray:
+    # aligned vectors travel as (rows, 1) columns (see _blocks._call_kernel)
+    return kernel(aligned_block(xb), *[b[:, 0] for b in blocks], *consts)
+
+
+class _ClusterPasses:
+    """Passes over a dask array as graphs run across the workers (the distributed path).
+
+    Per-row vectors and states stay on the workers as persisted dask arrays; only
+    per-block partials (reduced by :func:`ordered_tree`) and small selections come back.
+    """
+
+    def __init__(self, X: da.Array, split_every: int) -> None:
+        self.X, self.split_every = X, split_every
+        self.n, self.d = X.shape
+        self.dtype = X.dtype
+
+    def _finish(self, partials: da.Array) -> np.ndarray:
+        return sum_rows_in_order(np.asarray(partials.compute()))[0]
+
+    def total(
+        self, kernel: Callable, *aligned: da.Array, consts: tuple = (),
+        out_shape: tuple[int, ...] = (),
+    ) -> np.ndarray:
+        """Sum over the blocks of ``kernel``'s partials (see :func:`block_partials`)."""
+        parts = block_partials(kernel, self.X, *aligned, consts=consts, out_shape=out_shape)
+        return self._finish(ordered_tree(parts, self.split_every))
+
+    def rows(
+        self, kernel: Callable, *aligned: da.Array, consts: tuple = (), width: int,
+        dtype: Any = np.float64,
+    ) -> np.ndarray:
+        """The blocks' selected rows, concatenated in block order (see :func:`block_rows`)."""
+        return np.asarray(
+            block_rows(kernel, self.X, *aligned, consts=consts, width=width, dtype=dtype)
+            .compute()
+        )
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of X at the sorted positions ``rows``."""
+        return np.asarray(take_rows(self.X, rows).compute())
+
+    def vector(
+        self, kernel: Callable, *aligned: da.Array, consts: tuple = ()
+    ) -> tuple[da.Array, float]:
+        """A per-row float64 vector computed and kept on the workers, and its total."""
+        v = da.map_blocks(
+            _call_vector, self.X, *[a[:, None] for a in aligned], drop_axis=1,
+            dtype=np.float64, kernel=kernel, consts=shared_consts(consts),
+        )
+        parts = v.map_blocks(_vector_total, chunks=((1,) * v.numblocks[0],), dtype=np.float64)
+        # one submission: the vector stays on the workers, only its partial totals return
+        v, parts = dask.persist(v, ordered_tree(parts, self.split_every))
+        return v, float(self._finish(parts))
+
+    def lloyd_step(
+        self, state: da.Array | None, consts: tuple, width: int, k: int
+    ) -> tuple[da.Array, np.ndarray]:
+        """One Lloyd step: the new state (kept on the workers) and the summed moves."""
+        new, parts = _lloyd_step(self.X, state, consts, width, k)
+        # One submission: the new state stays on the workers, only the moves come back.
+        new, parts = dask.persist(new, ordered_tree(parts, self.split_every))
+        return new, self._finish(parts)
+
+
+class _LocalPasses:
+    """The passes of :class:`_ClusterPasses` over blocks held in one process.
+
+    The same kernels on the same blocks with the same block positions, partials added by
+    :func:`ordered_sum`: the results are those of the distributed path, bit for bit.
+    ``map`` runs a function over the block indices (a thread pool's: numpy and BLAS
+    release the GIL, so blocks are processed in parallel without changing any sum).
+    """
+
+    def __init__(self, blocks: list[np.ndarray], split_every: int, map_: Callable) -> None:
+        # aligned once here; the distributed path aligns in every kernel call instead
+        self.blocks = [aligned_block(b) for b in blocks]
+        self.split_every, self._map = split_every, map_
+        sizes = [len(b) for b in blocks]
+        self.offsets = [0, *np.cumsum(sizes).tolist()]
+        self.n, self.d = self.offsets[-1], blocks[0].shape[1]
+        self.dtype = blocks[0].dtype
+
+    def _each(self, fn: Callable[[int], Any]) -> list:
+        return list(self._map(fn, range(len(self.blocks))))
+
+    def _call(self, kernel: Callable, i: int, aligned: Iterable, consts: tuple) -> np.ndarray:
+        return np.asarray(kernel(
+            self.blocks[i], *[a[i] for a in aligned], *consts,
+            block_index=i, row_offset=self.offsets[i],
+        ))
+
+    def total(
+        self, kernel: Callable, *aligned: list[np.ndarray], consts: tuple = (),
+        out_shape: tuple[int, ...] = (),
+    ) -> np.ndarray:
+        parts = self._each(lambda i: self._call(kernel, i, aligned, consts).reshape(1, *out_shape))
+        return ordered_sum(parts, self.split_every)
+
+    def rows(
+        self, kernel: Callable, *aligned: list[np.ndarray], consts: tuple = (), width: int,
+        dtype: Any = np.float64,
+    ) -> np.ndarray:
+        parts = self._each(lambda i: self._call(kernel, i, aligned, consts))
+        return np.concatenate(parts).reshape(-1, width)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        block = np.searchsorted(self.offsets, rows, side="right") - 1
+        return np.stack([self.blocks[b][r - self.offsets[b]]
+                         for b, r in zip(block.tolist(), rows.tolist(), strict=True)])
+
+    def vector(
+        self, kernel: Callable, *aligned: list[np.ndarray], consts: tuple = ()
+    ) -> tuple[list[np.ndarray], float]:
+        v = self._each(lambda i: kernel(self.blocks[i], *[a[i] for a in aligned], *consts))
+        return v, float(ordered_sum([_vector_total(b) for b in v], self.split_every))
+
+    def lloyd_step(
+        self, state: list[np.ndarray] | None, consts: tuple, width: int, k: int
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        def step(i: int) -> tuple:
+            old = () if state is None else (state[i],)
+            return _k_step(self.blocks[i], *old, consts, k)
+
+        steps = self._each(step)
+        return [s[0] for s in steps], ordered_sum([_moves_of(s) for s in steps],
+                                                  self.split_every)
+
+
+def _n_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _fit_in_one_task(
+    cls: type, params: dict, n_init: int, rs: np.random.RandomState, blocks: list[np.ndarray]
+) -> dict:
+    """The whole fit on X's blocks inside one task; returns the fitted attributes.
+
+    BLAS is held to one thread per call, as on a Dask worker (whose nanny sets it), so
+    every block product is computed as on the distributed path; the cores are used by
+    processing blocks in parallel instead.
+    """
+    est = cls(**params)  # a fresh copy: the caller's may hold a previous fit's graphs
+    est._n_init = n_init
+    n_jobs = params["n_jobs"] or _n_cpus()
+    threads = max(1, min(n_jobs, len(blocks)))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if threads == 1:
+            return est._fit_passes(_LocalPasses(blocks, est.split_every, map), rs)
+        with ThreadPoolExecutor(threads) as pool:
+            return est._fit_passes(_LocalPasses(blocks, est.split_every, pool.map), rs)
+
+
 # --- the estimator --------------------------------------------------------------------
 
 _SEED_MAX = np.iinfo(np.int32).max
@@ -392,6 +580,19 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         Seed of every random draw.
     split_every : int, default=8
         Fan-in of the tree reductions.
+    max_local_bytes : int or None, default=256 MiB
+        X of at most this many bytes (``X.nbytes`` after integer data is cast to float32)
+        is fitted inside one task on one worker: its blocks are gathered there and
+        initialisation, all Lloyd iterations of all runs and the inertia run without a
+        scheduler round trip. Larger X is fitted across the workers, one round trip per
+        pass, without ever gathering it. Both paths run the same kernels on the same
+        blocks and add the partials in the same order, so they give identical results
+        (labels, centres, inertia, iterations). 0 always fits across the workers, None
+        always in one task.
+    n_jobs : int or None, default=None
+        Threads of a fit inside one task (row blocks processed in parallel, one BLAS
+        thread each); None uses every CPU of the worker's machine. Results do not depend
+        on it; parallelism is at most the number of row blocks.
 
     Attributes
     ----------
@@ -426,6 +627,8 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         tol: float = 1e-4,
         random_state: int | np.random.RandomState | None = None,
         split_every: int = 8,
+        max_local_bytes: int | None = 256 * 2**20,
+        n_jobs: int | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -436,6 +639,8 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.tol = tol
         self.random_state = random_state
         self.split_every = split_every
+        self.max_local_bytes = max_local_bytes
+        self.n_jobs = n_jobs
 
     # -- public API -------------------------------------------------------------------
 
@@ -447,8 +652,9 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         X : dask.array.Array of shape (n_samples, n_features)
             Float data chunked by rows with known chunk sizes (numpy is accepted and
             wrapped in one block; integer data is cast to float32). Persist it first
-            when it fits in the workers' memory: fit reads it about
-            ``2 * init_rounds + n_iter + 4`` times.
+            when it fits in the workers' memory: on the distributed path fit reads it
+            about ``2 * init_rounds + n_iter + 4`` times (once, into one task, when it is
+            at most ``max_local_bytes``).
         y : None
             Ignored.
 
@@ -460,26 +666,21 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         n = X.shape[0]
         if n < self.n_clusters:
             raise ValueError(f"n_samples={n} should be >= n_clusters={self.n_clusters}")
+        if isinstance(self.init, str) and self.init not in ("k-means||", "random"):
+            raise ValueError(f"unknown init {self.init!r}: use 'k-means||', 'random' or an array")
         rs = check_random_state(self.random_state)
         self._n_init = self._resolve_n_init(X.shape[1])
-
-        starts, variances = self._init_centers(X, rs)
-        tol = self.tol * float(np.mean(variances))
-        runs, iters = self._lloyd(X, starts.astype(X.dtype), tol)
-
-        r = len(runs)
-        stacked = np.concatenate(runs)
-        inertia = tree_sum(
-            block_partials(
-                _k_run_inertia, X, consts=(stacked, _sqnorms(stacked), r), out_shape=(r,)
-            ),
-            self.split_every,
-        ).compute()
-        best = int(np.argmin(inertia))  # ties: the first run
-        self.cluster_centers_ = runs[best]
-        self.inertia_per_run_ = inertia
-        self.inertia_ = float(inertia[best])
-        self.n_iter_ = iters[best]
+        if self.max_local_bytes is None or X.nbytes <= self.max_local_bytes:
+            # One task depending on every block: the scheduler runs it on the worker
+            # holding most of X, and the other blocks are sent there once.
+            blocks = X.to_delayed().ravel().tolist()
+            fitted = dask.delayed(_fit_in_one_task, pure=False)(
+                type(self), self.get_params(), self._n_init, rs, blocks
+            ).compute()
+        else:
+            fitted = self._fit_passes(_ClusterPasses(X, self.split_every), rs)
+        for name, value in fitted.items():
+            setattr(self, name, value)
         self.labels_ = self.predict(X)
         return self
 
@@ -546,34 +747,42 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ValueError(f"n_init must be >= 1, got {self.n_init}")
         return int(self.n_init)
 
-    def _take_rows(self, X: da.Array, rows: np.ndarray) -> np.ndarray:
-        return np.asarray(take_rows(X, np.sort(rows)).compute())
+    def _fit_passes(self, p: Any, rs: np.random.RandomState) -> dict:
+        """The fit, over the passes ``p`` (:class:`_ClusterPasses` or :class:`_LocalPasses`).
+
+        Returns the fitted attributes (set on the estimator by :meth:`fit`).
+        """
+        starts, variances = self._init_centers(p, rs)
+        tol = self.tol * float(np.mean(variances))
+        runs, iters = self._lloyd(p, starts.astype(p.dtype), tol)
+        r = len(runs)
+        stacked = np.concatenate(runs)
+        inertia = p.total(_k_run_inertia, consts=(stacked, _sqnorms(stacked), r),
+                          out_shape=(r,))
+        best = int(np.argmin(inertia))  # ties: the first run
+        return {
+            "cluster_centers_": runs[best], "inertia_per_run_": inertia,
+            "inertia_": float(inertia[best]), "n_iter_": iters[best],
+            "n_candidates_": self.n_candidates_,
+            "n_empty_relocations_": self.n_empty_relocations_,
+        }
 
     def _init_centers(
-        self, X: da.Array, rs: np.random.RandomState
+        self, p: Any, rs: np.random.RandomState
     ) -> tuple[np.ndarray, np.ndarray]:
         """Starting centres, shape (runs, k, d), and the feature variances of X."""
-        n, d = X.shape
+        n, d = p.n, p.d
         k = self.n_clusters
-        first = self._take_rows(X, rs.choice(n, size=1))
-        moments = tree_sum(
-            block_partials(
-                _k_shifted_moments, X, consts=(first[0].astype(np.float64),),
-                out_shape=(2, d),
-            ),
-            self.split_every,
-        )
+        first = p.take(np.sort(rs.choice(n, size=1)))
         self.n_candidates_ = 0
-        if isinstance(self.init, str) and self.init not in ("k-means||", "random"):
-            raise ValueError(f"unknown init {self.init!r}: use 'k-means||', 'random' or an array")
         # A pass of its own: sharing one with k-means||'s first distances gave X two readers,
         # and a lazily computed X (scaled pixels) was then held whole in worker memory.
-        m = moments.compute()
+        m = p.total(_k_shifted_moments, consts=(first[0].astype(np.float64),), out_shape=(2, d))
         if isinstance(self.init, str) and self.init == "k-means||":
-            starts = self._kmeans_parallel(X, first, rs)
+            starts = self._kmeans_parallel(p, first, rs)
         elif isinstance(self.init, str):
             starts = np.stack([
-                self._take_rows(X, rs.choice(n, size=k, replace=False))
+                p.take(np.sort(rs.choice(n, size=k, replace=False)))
                 for _ in range(self._n_init)
             ])
         else:
@@ -586,48 +795,34 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         return starts, variances
 
     def _kmeans_parallel(
-        self, X: da.Array, first: np.ndarray, rs: np.random.RandomState,
+        self, p: Any, first: np.ndarray, rs: np.random.RandomState,
     ) -> np.ndarray:
         """k-means|| (Bahmani et al. 2012): oversample candidates, weight, reduce to k."""
         k = self.n_clusters
         ell = self.oversampling_factor * k
         seed = int(rs.randint(_SEED_MAX))
-        cand = first.astype(X.dtype)
-        d2 = X.map_blocks(_k_min_sqdist, cand, drop_axis=1, dtype=np.float64)
-        # d2 (one float per row) stays on the workers between rounds; only phi comes back
-        # (persisted with its sum in one submission, as in every round below).
-        d2, phi_lazy = dask.persist(d2, d2.sum())
-        phi = float(phi_lazy.compute())
+        cand = first.astype(p.dtype)
+        # d2 (one float per row) stays with the blocks between rounds; only phi comes back
+        d2, phi = p.vector(_k_min_sqdist, consts=(cand,))
         chosen = [cand]
         for r in range(self.init_rounds):
             if phi <= 0:  # every row coincides with a candidate
                 break
-            new = block_rows(
-                _k_sample, X, d2, consts=(ell / phi, seed, r), width=X.shape[1], dtype=X.dtype,
-            ).compute()
+            new = p.rows(_k_sample, d2, consts=(ell / phi, seed, r), width=p.d, dtype=p.dtype)
             if len(new) == 0:
                 continue
             chosen.append(new)
-            d2 = da.map_blocks(
-                _k_update_min_sqdist, X, d2[:, None], new, drop_axis=1, dtype=np.float64
-            )
-            d2, phi_lazy = dask.persist(d2, d2.sum())
-            phi = float(phi_lazy.compute())
+            d2, phi = p.vector(_k_update_min_sqdist, d2, consts=(new,))
         del d2
         candidates = np.concatenate(chosen)
         if len(np.unique(candidates, axis=0)) < k:
             # Only with fewer than k distinct rows near the data: top up with random rows
             # (duplicates get weight 0 and end as empty clusters, relocated in Lloyd).
-            extra = self._take_rows(X, rs.choice(X.shape[0], size=k, replace=False))
+            extra = p.take(np.sort(rs.choice(p.n, size=k, replace=False)))
             candidates = np.concatenate([candidates, extra])
         self.n_candidates_ = len(candidates)
-        weights = tree_sum(
-            block_partials(
-                _k_candidate_counts, X, consts=(candidates, _sqnorms(candidates)),
-                out_shape=(len(candidates),),
-            ),
-            self.split_every,
-        ).compute()
+        weights = p.total(_k_candidate_counts, consts=(candidates, _sqnorms(candidates)),
+                          out_shape=(len(candidates),))
         starts = []
         for _ in range(self._n_init):
             km = KMeans(n_clusters=k, init="k-means++", n_init=1,
@@ -637,7 +832,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         return np.stack(starts)
 
     def _lloyd(
-        self, X: da.Array, starts: np.ndarray, tol: float
+        self, p: Any, starts: np.ndarray, tol: float
     ) -> tuple[list[np.ndarray], list[int]]:
         """Lloyd iterations of all runs together, skipping rows that cannot move.
 
@@ -649,13 +844,13 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         its centres and labels frozen and costs nothing until all runs have converged.
         """
         n_runs, k, d = starts.shape
-        centers = [c.astype(X.dtype) for c in starts]
+        centers = [c.astype(p.dtype) for c in starts]
         sums = np.zeros((n_runs, k, d))
         counts = np.zeros((n_runs, k))
         iters = [0] * n_runs
         active = set(range(n_runs))
         shift = np.zeros(n_runs * k)
-        state: da.Array | None = None  # None: compute every distance and recount
+        state: Any = None  # None: compute every distance and recount
         bounded = d >= _BOUNDS_MIN_FEATURES
         width = 1 + (3 if bounded else 1) * n_runs
         self.n_empty_relocations_ = 0
@@ -671,11 +866,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                       bounded)
             if state is None:
                 sums[:], counts[:] = 0.0, 0.0
-            new, parts = _lloyd_step(X, state, consts, width, k)
-            # One submission: the new state stays on the workers, only the moves come back.
-            new, partial = dask.persist(new, few_partials(parts, self.split_every))
-            moves = np.asarray(partial.compute()).sum(axis=0)
-            state = new
+            state, moves = p.lloyd_step(state, consts, width, k)
             moves = moves.reshape(n_runs, k, d + 1)
             sums += moves[:, :, :d]
             counts += moves[:, :, d]
@@ -685,10 +876,10 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                 empty = np.flatnonzero(run_counts == 0)
                 if len(empty):
                     run_sums, run_counts = self._relocate(
-                        X, centers[r], empty, run_sums, run_counts
+                        p, centers[r], empty, run_sums, run_counts
                     )
                     state = None  # relocated rows moved on the client only: recount all
-                updated = (run_sums / run_counts[:, None]).astype(X.dtype)
+                updated = (run_sums / run_counts[:, None]).astype(p.dtype)
                 moved = np.sqrt(((updated.astype(np.float64) - centers[r]) ** 2).sum(axis=1))
                 shift[r * k : (r + 1) * k] = moved
                 centers[r] = updated
@@ -700,7 +891,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         return centers, iters
 
     def _relocate(
-        self, X: da.Array, centers: np.ndarray, empty: np.ndarray,
+        self, p: Any, centers: np.ndarray, empty: np.ndarray,
         sums: np.ndarray, counts: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Move each empty cluster to one of the rows farthest from their centre.
@@ -709,9 +900,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         cluster's only member; farthest first, ties broken by row id.
         """
         m = len(empty)
-        far = block_rows(
-            _k_farthest, X, consts=(centers, _sqnorms(centers), m), width=3 + X.shape[1],
-        ).compute()
+        far = p.rows(_k_farthest, consts=(centers, _sqnorms(centers), m), width=3 + p.d)
         far = far[np.lexsort((far[:, 1], -far[:, 0]))][:m]
         sums, counts = sums.copy(), counts.copy()
         for j, row in zip(empty, far, strict=False):

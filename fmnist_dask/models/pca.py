@@ -31,6 +31,7 @@ from fmnist_dask._blocks import (
     SUB_ROWS,
     as_row_chunked,
     block_partials,
+    scratch,
     tree_sum,
     validate_rows,
 )
@@ -45,9 +46,12 @@ def _k_scatter(xb: np.ndarray, shift: np.ndarray, **_: Any) -> np.ndarray:
     out = np.zeros((d + 1, d))
     s32 = shift.astype(xb.dtype)
     for s in range(0, len(xb), SUB_ROWS):
-        z = xb[s : s + SUB_ROWS] - s32
+        xs = xb[s : s + SUB_ROWS]
+        # reused buffers: a fresh 12 MB temporary per sub-block costs page faults
+        # comparable to its arithmetic (see _blocks.scratch)
+        z = np.subtract(xs, s32, out=scratch("pca_z", xs.shape, xb.dtype))
         out[0] += z.sum(axis=0, dtype=np.float64)
-        out[1:] += z.T @ z
+        out[1:] += np.matmul(z.T, z, out=scratch("pca_zz", (d, d), xb.dtype))
     return out
 
 
