@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import dask
 import dask.array as da
 import numpy as np
+from joblib import parallel_config
 from sklearn.base import BaseEstimator
 from sklearn.manifold import trustworthiness
 from sklearn.utils import check_array, check_random_state
@@ -209,7 +210,10 @@ class TSNEEmbedding(BaseEstimator):
             n_jobs=self.n_jobs,
             random_state=self.random_state,  # openTSNE takes an int or a RandomState
         )
-        reference = tsne.fit(X)
+        # Threads for the neighbour search: joblib's default process backend is refused in a
+        # (daemonic) Dask worker and falls back to one core, with a warning.
+        with parallel_config(backend="threading"):
+            reference = tsne.fit(X)
         # Centre now, as transform would in place, so fitted and transformed coordinates agree.
         reference -= (np.max(reference, axis=0) + np.min(reference, axis=0)) / 2
         # Keep only what transform needs: the estimator stays small to pickle and ship.
