@@ -48,6 +48,83 @@ def as_row_chunked(x: Any, dtype: Any | None = None) -> da.Array:
     return x
 
 
+def per_block(
+    kernel: Callable[..., np.ndarray],
+    X: Any,
+    model: Any,
+    *,
+    n_features: int,
+    dtype: Any,
+    n_columns: int | None = None,
+    key: str | None = None,
+    **kwargs: Any,
+) -> da.Array:
+    """A fitted model applied to every row block of ``X`` on the workers (the pattern of
+    dask-ml's ``ParallelPostFit``): ``kernel(block, model=model, **kwargs)`` per block.
+
+    Parameters
+    ----------
+    kernel : callable
+        Module-level function ``(block, model=..., **kwargs) -> ndarray`` with one output
+        row per input row; if it takes ``block_info`` it gets the block's row offset there.
+    X : dask.array.Array of shape (n_rows, n_features)
+        Known row chunks; column blocks are joined (a row is used whole).
+    model : object
+        The fitted model (or what the kernel needs of it): one graph key, so it is sent
+        once per worker, not once per block.
+    n_features : int
+        Columns ``X`` must have.
+    dtype : numpy dtype
+        Of the output.
+    n_columns : int, optional
+        Output columns; None for one value per row.
+    key : str, optional
+        Graph key of ``model``. Give one for a large model, which dask would otherwise
+        hash on every call.
+    **kwargs
+        Small constants passed to every kernel call.
+
+    Returns
+    -------
+    dask.array.Array of shape (n_rows,) or (n_rows, n_columns)
+        Lazy, chunked like the rows of ``X``.
+    """
+    X = as_row_chunked(X)
+    if X.shape[1] != n_features:
+        raise ValueError(f"X must have {n_features} columns, got shape {X.shape}")
+    shipped = dask.delayed(model, name=key, pure=True)
+    if n_columns is None:
+        return da.map_blocks(kernel, X, model=shipped, **kwargs, drop_axis=1, dtype=dtype,
+                             meta=np.empty((0,), dtype=dtype))
+    return da.map_blocks(kernel, X, model=shipped, **kwargs, dtype=dtype,
+                         chunks=(X.chunks[0], (n_columns,)), meta=np.empty((0, 0), dtype=dtype))
+
+
+def rows_in_sample(sample_indices: np.ndarray, n_rows: int,
+                   block_info: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of a block are rows of a sample, found by their position.
+
+    Parameters
+    ----------
+    sample_indices : numpy.ndarray of shape (n_sample,)
+        Sorted, unique row positions of the sample in the whole array.
+    n_rows : int
+        Rows in the block.
+    block_info : dict or None
+        dask's ``block_info`` of the block (None: the block starts at row 0).
+
+    Returns
+    -------
+    in_sample : numpy.ndarray of shape (n_rows,), bool
+    where : numpy.ndarray of shape (n_rows,), int64
+        For rows in the sample, their index in ``sample_indices``.
+    """
+    start = block_info[0]["array-location"][0][0] if block_info else 0
+    positions = start + np.arange(n_rows, dtype=np.int64)
+    where = np.minimum(np.searchsorted(sample_indices, positions), sample_indices.size - 1)
+    return sample_indices[where] == positions, where
+
+
 def validate_rows(estimator: Any, X: Any, reset: bool) -> da.Array:
     """X as a row-chunked float dask array; records or checks ``n_features_in_``.
 

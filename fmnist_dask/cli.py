@@ -16,7 +16,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_INPUT, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+# 1 (an unexpected error) is what Python exits with on an uncaught exception.
+EXIT_OK, EXIT_SPEC, EXIT_INPUT, EXIT_CLUSTER, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, the shell's convention
 DEFAULT_JOB = Path("jobs/fashion_mnist.yaml")
 

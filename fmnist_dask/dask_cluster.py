@@ -482,7 +482,7 @@ def _by_value(func: Callable) -> Callable:
 T = TypeVar("T")
 
 
-def _call_with_timeout(func: Callable[[], T], timeout: float, what: str) -> T:
+def call_with_timeout(func: Callable[[], T], timeout: float, what: str) -> T:
     """Run a blocking client call in a helper thread so an unresponsive cluster cannot hang us."""
     outcome: dict[str, Any] = {}
 
@@ -524,11 +524,11 @@ def check_worker_environments(client: Any, timeout: float = 60.0) -> dict[str, s
     """
     mine = _environment_probe(dict(KEY_PACKAGES))
     probe = _by_value(_environment_probe)
-    workers = _call_with_timeout(
+    workers = call_with_timeout(
         lambda: client.run(probe, dict(KEY_PACKAGES), on_error="return"), timeout,
         "the workers' environment check",
     )
-    scheduler = _call_with_timeout(
+    scheduler = call_with_timeout(
         lambda: client.get_versions(packages=list(SCHEDULER_PACKAGES))["scheduler"], timeout,
         "the scheduler's version report",
     )
@@ -672,7 +672,7 @@ def _forward_worker_warnings(client: Any, timeout: float) -> bool:
     a remote machine. Returns whether forwarding is on.
     """
     try:
-        _call_with_timeout(lambda: client.forward_logging(FORWARDED_LOGGER, logging.WARNING),
+        call_with_timeout(lambda: client.forward_logging(FORWARDED_LOGGER, logging.WARNING),
                            timeout, "forwarding the workers' warnings")
     except Exception as exc:  # the job runs without it; the workers' own logs still have them
         logger.warning("the workers' warnings stay in their own logs: %s: %s",
@@ -947,7 +947,7 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
             watchdog.stop()
         if forwarding and client.status == "running":
             with contextlib.suppress(Exception):  # unregister: the cluster may be shared
-                _call_with_timeout(lambda: client.unforward_logging(FORWARDED_LOGGER), 10,
+                call_with_timeout(lambda: client.unforward_logging(FORWARDED_LOGGER), 10,
                                    "stopping the forwarding of the workers' warnings")
         if client is not None:
             gone = client.status != "running"

@@ -208,13 +208,13 @@ def performance_report(path: Path, client: Any, manifest: dict[str, Any] | None 
     """
     from distributed import performance_report as dask_report
 
-    from fmnist_dask.dask_cluster import _call_with_timeout
+    from fmnist_dask.dask_cluster import call_with_timeout
 
     path = Path(path)
     info = manifest if manifest is not None else {}
     report = dask_report(filename=str(path))
     try:
-        _call_with_timeout(report.__enter__, timeout, "the performance report's start")
+        call_with_timeout(report.__enter__, timeout, "the performance report's start")
         info["performance_report"] = path.name
     except Exception as exc:
         logger.warning("no performance report: %s: %s", type(exc).__name__, exc)
@@ -234,11 +234,11 @@ def performance_report(path: Path, client: Any, manifest: dict[str, Any] | None 
 
 def _finish_report(report: Any, path: Path, timeout: float, info: dict,
                    error: BaseException | None) -> None:
-    from fmnist_dask.dask_cluster import _call_with_timeout
+    from fmnist_dask.dask_cluster import call_with_timeout
 
     args = (None, None, None) if error is None else (type(error), error, error.__traceback__)
     try:
-        _call_with_timeout(lambda: report.__exit__(*args), timeout, "the performance report")
+        call_with_timeout(lambda: report.__exit__(*args), timeout, "the performance report")
     except Exception as exc:
         logger.warning("no performance report: %s: %s", type(exc).__name__, exc)
     if path.exists():

@@ -12,14 +12,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-import dask
 import dask.array as da
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 from sklearn.neighbors import KDTree
 from sklearn.utils import check_array
+from sklearn.utils.validation import check_is_fitted
 
-from fmnist_dask._blocks import as_row_chunked
+from fmnist_dask._blocks import per_block, rows_in_sample
 
 
 @dataclass(frozen=True)
@@ -50,29 +50,25 @@ def _vote(neighbour_codes: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def _label_block(
-    block: np.ndarray, index: _FittedIndex, block_info: dict | None = None
+    block: np.ndarray, model: _FittedIndex, block_info: dict | None = None
 ) -> np.ndarray:
     """Labels of one block of rows; rows of the sample get their sample label."""
-    start = block_info[0]["array-location"][0][0] if block_info else 0
     codes = np.empty(block.shape[0], dtype=np.int64)
     todo = np.ones(block.shape[0], dtype=bool)
-    if index.sample_indices is not None:
-        positions = start + np.arange(block.shape[0], dtype=np.int64)
-        where = np.searchsorted(index.sample_indices, positions)
-        where = np.minimum(where, index.sample_indices.size - 1)
-        in_sample = index.sample_indices[where] == positions
-        codes[in_sample] = index.codes[index.sample_order[where[in_sample]]]
+    if model.sample_indices is not None:
+        in_sample, where = rows_in_sample(model.sample_indices, block.shape[0], block_info)
+        codes[in_sample] = model.codes[model.sample_order[where[in_sample]]]
         todo = ~in_sample
     if todo.any():
-        k = min(index.n_neighbors, index.codes.size)
-        distance, neighbours = index.tree.query(np.asarray(block[todo], np.float64), k=k)
-        voted = _vote(index.codes[neighbours], index.classes.size)
-        if index.sample_indices is None:
+        k = min(model.n_neighbors, model.codes.size)
+        distance, neighbours = model.tree.query(np.asarray(block[todo], np.float64), k=k)
+        voted = _vote(model.codes[neighbours], model.classes.size)
+        if model.sample_indices is None:
             # Without positions, a point identical to a sample point takes its label.
             exact = distance[:, 0] == 0.0
-            voted[exact] = index.codes[neighbours[exact, 0]]
+            voted[exact] = model.codes[neighbours[exact, 0]]
         codes[todo] = voted
-    return index.classes[codes]
+    return model.classes[codes]
 
 
 class KNeighborsExtension(BaseEstimator):
@@ -181,18 +177,32 @@ class KNeighborsExtension(BaseEstimator):
         dask.array.Array or numpy.ndarray of shape (n_rows,)
             Labels (values of ``classes_``); lazy for a dask input, chunked like the rows.
         """
-        if not hasattr(self, "_index"):
-            raise AttributeError("KNeighborsExtension is not fitted; call fit first")
+        check_is_fitted(self, "index_")
         if not isinstance(X, da.Array):
             X = check_array(X, dtype=np.float64)
             if X.shape[1] != self.n_features_in_:
                 raise ValueError(f"X must have {self.n_features_in_} columns, got {X.shape}")
             return _label_block(X, self._index)
-        X = as_row_chunked(X)  # the vote needs whole rows and known row offsets
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X must have {self.n_features_in_} columns, got {X.shape}")
-        index = dask.delayed(self._index, name=self._key, pure=True)
-        return da.map_blocks(
-            _label_block, X, index=index, drop_axis=1, dtype=self.classes_.dtype,
-            meta=np.empty((0,), dtype=self.classes_.dtype),
-        )
+        # The vote needs whole rows and their offsets; the index travels once per worker.
+        return per_block(_label_block, X, self._index, n_features=self.n_features_in_,
+                         dtype=self.classes_.dtype, key=self._key)
+
+    def predict_block(self, block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        """Labels of one in-memory block of rows, for a caller's own per-block kernel.
+
+        Parameters
+        ----------
+        block : numpy.ndarray of shape (n_block_rows, n_features)
+            Rows in the space of the vote. Sample rows may hold any values: they are
+            recognised by position and get their sample label.
+        block_info : dict, optional
+            dask's ``block_info`` of the block, which gives its first row's position
+            (None: the block starts at row 0).
+
+        Returns
+        -------
+        numpy.ndarray of shape (n_block_rows,)
+            Labels (values of ``classes_``).
+        """
+        check_is_fitted(self, "index_")
+        return _label_block(block, self._index, block_info)

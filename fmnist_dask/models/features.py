@@ -21,6 +21,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.utils import check_array, check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from fmnist_dask._blocks import per_block
 
 #: Images per internal step of the per-block transform: bounds the (rows x patches x
 #: pixels) temporary to about 20 MB for 6x6 patches of 28x28 images.
@@ -203,17 +206,14 @@ class PatchDictionaryFeatures(TransformerMixin, BaseEstimator):
             Square roots of the pooled activations (lazy and row-chunked like ``X`` for a
             dask input).
         """
-        if not hasattr(self, "atoms_"):
-            raise AttributeError("PatchDictionaryFeatures is not fitted; call fit first")
-        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
-        params = self._kernel_params()
+        check_is_fitted(self, "atoms_")
         if not isinstance(X, da.Array):
-            return _encode_block(np.asarray(X), **params)
-        if X.numblocks[1] != 1:
-            X = X.rechunk({1: -1})  # an image needs all its pixels
-        return X.map_blocks(
-            _encode_block, **params, dtype=np.float32,
-            chunks=(X.chunks[0], (self.n_features_out_,)),
-            meta=np.empty((0, 0), dtype=np.float32),
-        )
+            if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+                raise ValueError(f"X must have shape (n, {self.n_features_in_}), got {X.shape}")
+            return _encode_block(np.asarray(X), **self._kernel_params())
+        return per_block(_transform_block, X, self, n_features=self.n_features_in_,
+                         dtype=np.float32, n_columns=self.n_features_out_)
+
+
+def _transform_block(block: np.ndarray, model: PatchDictionaryFeatures) -> np.ndarray:
+    return _encode_block(block, **model._kernel_params())

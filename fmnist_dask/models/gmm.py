@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from fmnist_dask._blocks import as_row_chunked
+from fmnist_dask._blocks import per_block
 
 
 def fit_gmm(
@@ -82,27 +81,15 @@ def gmm_summary(gmm: GaussianMixture, sample: np.ndarray) -> dict[str, float | i
     }
 
 
-def _predict_block(block: np.ndarray, gmm: GaussianMixture) -> np.ndarray:
+def _predict_block(block: np.ndarray, model: GaussianMixture) -> np.ndarray:
     with threadpool_limits(limits=1, user_api="blas"):
-        return gmm.predict(block).astype(np.int32)
+        return model.predict(block).astype(np.int32)
 
 
-def _score_samples_block(block: np.ndarray, gmm: GaussianMixture) -> np.ndarray:
+def _score_samples_block(block: np.ndarray, model: GaussianMixture) -> np.ndarray:
     # float64 whatever the input: the mean over millions of rows is summed in this type.
     with threadpool_limits(limits=1, user_api="blas"):
-        return gmm.score_samples(block).astype(np.float64)
-
-
-def _per_row(kernel: Any, gmm: GaussianMixture, X: da.Array, dtype: Any) -> da.Array:
-    """One value per row of ``X`` from ``kernel(block, gmm)``, block by block."""
-    X = as_row_chunked(X)
-    if X.shape[1] != gmm.n_features_in_:
-        raise ValueError(f"X must have shape (n, {gmm.n_features_in_}), got {X.shape}")
-    # The fitted mixture as one graph key, so it is sent once per worker.
-    model = dask.delayed(gmm, pure=True)
-    return da.map_blocks(
-        kernel, X, gmm=model, drop_axis=1, dtype=dtype, meta=np.empty((0,), dtype=dtype)
-    )
+        return model.score_samples(block).astype(np.float64)
 
 
 def predict_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:
@@ -120,7 +107,7 @@ def predict_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:
     dask.array.Array of shape (n_rows,), int32
         Component of each row; lazy, chunked like the rows of ``X``.
     """
-    return _per_row(_predict_block, gmm, X, np.int32)
+    return per_block(_predict_block, X, gmm, n_features=gmm.n_features_in_, dtype=np.int32)
 
 
 def score_samples_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:
@@ -138,7 +125,8 @@ def score_samples_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:
     dask.array.Array of shape (n_rows,), float64
         ``log p(x)`` of each row in nats; lazy.
     """
-    return _per_row(_score_samples_block, gmm, X, np.float64)
+    return per_block(_score_samples_block, X, gmm, n_features=gmm.n_features_in_,
+                     dtype=np.float64)
 
 
 def score_blocks(gmm: GaussianMixture, X: da.Array) -> da.Array:

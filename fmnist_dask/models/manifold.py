@@ -37,10 +37,12 @@ from sklearn.base import BaseEstimator, ClusterMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_array, check_random_state
+from sklearn.utils.validation import check_is_fitted
 
+from fmnist_dask._blocks import per_block, rows_in_sample
 from fmnist_dask.augment import rotate
-from fmnist_dask.models.extend import KNeighborsExtension, _label_block
-from fmnist_dask.models.features import PatchDictionaryFeatures, _encode_block
+from fmnist_dask.models.extend import KNeighborsExtension
+from fmnist_dask.models.features import PatchDictionaryFeatures
 
 
 def _project_block(block: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
@@ -48,31 +50,23 @@ def _project_block(block: np.ndarray, mean: np.ndarray, components: np.ndarray) 
     return (np.asarray(block, dtype=np.float32) - mean) @ components.T
 
 
-def _predict_block(
-    block: np.ndarray,
-    feature_params: dict,
-    mean: np.ndarray,
-    components: np.ndarray,
-    index: Any,
-    block_info: dict | None = None,
-) -> np.ndarray:
+def _predict_block(block: np.ndarray, model: Any, block_info: dict | None = None) -> np.ndarray:
     """Clusters of one block of images; features are computed only for rows outside the sample.
 
-    Sample rows are recognised by position (``index.sample_indices``) and get their fitted
-    label from ``_label_block``, which never looks at their coordinates: their zero
-    placeholder saves the feature map, the costly step, when the sample is most of the data.
+    Sample rows are recognised by position and get their fitted label from the k-NN vote,
+    which never looks at their coordinates: their zero placeholder saves the feature map,
+    the costly step, when the sample is most of the data.
     """
+    extension = model.extension_
     todo = np.ones(block.shape[0], dtype=bool)
-    if index.sample_indices is not None:
-        start = block_info[0]["array-location"][0][0] if block_info else 0
-        positions = start + np.arange(block.shape[0], dtype=np.int64)
-        where = np.minimum(np.searchsorted(index.sample_indices, positions),
-                           index.sample_indices.size - 1)
-        todo = index.sample_indices[where] != positions
-    Z = np.zeros((block.shape[0], components.shape[0]), dtype=np.float32)
+    if extension.sample_indices_ is not None:
+        in_sample, _ = rows_in_sample(extension.sample_indices_, block.shape[0], block_info)
+        todo = ~in_sample
+    Z = np.zeros((block.shape[0], model.projection_components_.shape[0]), dtype=np.float32)
     if todo.any():
-        Z[todo] = _project_block(_encode_block(block[todo], **feature_params), mean, components)
-    return _label_block(Z, index, block_info)
+        Z[todo] = _project_block(model.features_.transform(block[todo]),
+                                 model.projection_mean_, model.projection_components_)
+    return extension.predict_block(Z, block_info)
 
 
 def shifted_views(images: np.ndarray, max_shift: int, image_shape: tuple[int, int],
@@ -163,8 +157,7 @@ class _SampleImageClusterer(ClusterMixin):
         numpy.ndarray or dask.array.Array of shape (n_rows,), int64
             Cluster indices in ``range(n_clusters)``; lazy for a dask input.
         """
-        if not hasattr(self, "extension_"):
-            raise AttributeError(f"{type(self).__name__} is not fitted; call fit first")
+        check_is_fitted(self, "extension_")
         return _predict_images(X, self)
 
 
@@ -354,30 +347,6 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         self.start_scores_ = np.array([balanced_mixture_score(m, embedding) for m in starts])
         return starts[int(np.argmax(self.start_scores_))]
 
-    def transform_pca(self, X: np.ndarray | da.Array) -> np.ndarray | da.Array:
-        """Features of ``X`` through the fitted projection, per block for a dask array.
-
-        Parameters
-        ----------
-        X : numpy.ndarray or dask.array.Array of shape (n_rows, height * width)
-            Pixel intensities scaled to [0, 1].
-
-        Returns
-        -------
-        numpy.ndarray or dask.array.Array of shape (n_rows, n_pca), float32
-        """
-        if not hasattr(self, "projection_components_"):
-            raise AttributeError("ManifoldClustering is not fitted; call fit first")
-        F = self.features_.transform(X)
-        mean, components = self.projection_mean_, self.projection_components_
-        if not isinstance(F, da.Array):
-            return _project_block(F, mean, components)
-        return F.map_blocks(
-            _project_block, mean, components, dtype=np.float32,
-            chunks=(F.chunks[0], (components.shape[0],)),
-            meta=np.empty((0, 0), dtype=np.float32),
-        )
-
 
 def balanced_mixture_score(mixture: GaussianMixture, X: np.ndarray) -> float:
     """Mean log-likelihood per row plus the sum of the log cluster shares.
@@ -407,26 +376,12 @@ def balanced_mixture_score(mixture: GaussianMixture, X: np.ndarray) -> float:
 
 
 def _predict_images(X: np.ndarray | da.Array, model: Any) -> np.ndarray | da.Array:
-    if X.ndim != 2 or X.shape[1] != model.n_features_in_:
-        raise ValueError(f"X must have shape (n, {model.n_features_in_}), got {X.shape}")
-    args = (
-        model.features_._kernel_params(),
-        model.projection_mean_,
-        model.projection_components_,
-    )
-    index = model.extension_._index
     if not isinstance(X, da.Array):
-        return _predict_block(np.asarray(X), *args, index)
-    if any(np.isnan(c) for c in X.chunks[0]):
-        raise ValueError("row chunk sizes are unknown; call X.compute_chunk_sizes() first")
-    if X.numblocks[1] != 1:
-        X = X.rechunk({1: -1})  # an image needs all its pixels
-    # The k-d tree travels once per worker under one key, as in KNeighborsExtension.
-    index = dask.delayed(index, name=model.extension_._key, pure=True)
-    return da.map_blocks(
-        _predict_block, X, *args, index=index, drop_axis=1, dtype=np.int64,
-        meta=np.empty((0,), dtype=np.int64),
-    )
+        if X.ndim != 2 or X.shape[1] != model.n_features_in_:
+            raise ValueError(f"X must have shape (n, {model.n_features_in_}), got {X.shape}")
+        return _predict_block(np.asarray(X), model)
+    # The fitted model (features, projection, k-d tree) travels once per worker.
+    return per_block(_predict_block, X, model, n_features=model.n_features_in_, dtype=np.int64)
 
 
 def consensus_labels(

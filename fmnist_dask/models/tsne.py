@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import copy
 import uuid
-from dataclasses import dataclass
 
-import dask
 import dask.array as da
 import numpy as np
 from joblib import parallel_config
 from sklearn.base import BaseEstimator
 from sklearn.manifold import trustworthiness
 from sklearn.utils import check_array, check_random_state
+from sklearn.utils.validation import check_is_fitted
 
-from fmnist_dask._blocks import as_row_chunked
+from fmnist_dask._blocks import per_block, rows_in_sample
 
 
 def _slim_reference(embedding: object) -> object:
@@ -55,39 +54,23 @@ def _slim_reference(embedding: object) -> object:
     return slim
 
 
-@dataclass(frozen=True)
-class _Reference:
-    """Holder that makes distributed pickle the openTSNE embedding whole: sent bare, its
-    numpy serializer would ship the array data and drop the subclass with its k-NN index."""
-
-    embedding: object
-
-
 def _transform_block(
     block: np.ndarray,
-    reference: _Reference,
-    params: dict,
+    model: TSNEEmbedding,
     sample_indices: np.ndarray | None,
-    sample_embedding: np.ndarray | None,
     block_info: dict | None = None,
 ) -> np.ndarray:
     """2-D coordinates of one block; sample rows keep their fitted coordinates."""
-    reference = reference.embedding
-    out = np.empty((block.shape[0], reference.shape[1]), dtype=np.float64)
+    out = np.empty((block.shape[0], model.n_components), dtype=np.float64)
     todo = np.ones(block.shape[0], dtype=bool)
     if sample_indices is not None:
-        start = block_info[0]["array-location"][0][0] if block_info else 0
-        positions = start + np.arange(block.shape[0], dtype=np.int64)
-        where = np.minimum(np.searchsorted(sample_indices, positions), sample_indices.size - 1)
-        in_sample = sample_indices[where] == positions
-        out[in_sample] = sample_embedding[where[in_sample]]
+        in_sample, where = rows_in_sample(sample_indices, block.shape[0], block_info)
+        out[in_sample] = model.embedding_[where[in_sample]]
         todo = ~in_sample
     if todo.any():
-        # transform centres the reference in place; it is centred already at fit, and this
-        # copy is private to the task anyway.
-        out[todo] = np.asarray(
-            reference.transform(np.asarray(block[todo], dtype=np.float64), **params)
-        )
+        # transform centres the reference in place; it is centred already at fit.
+        out[todo] = np.asarray(model.reference_.transform(
+            np.asarray(block[todo], dtype=np.float64), **model._transform_params()))
     return out
 
 
@@ -269,27 +252,18 @@ class TSNEEmbedding(BaseEstimator):
             index and ``transform_n_iter`` gradient steps of its new rows against the
             reference (the reference's interpolation grid is rebuilt per block).
         """
-        X = as_row_chunked(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X must have {self.n_features_in_} columns, got {X.shape}")
-        embedding = None
+        check_is_fitted(self, "reference_")
         if sample_indices is not None:
             sample_indices = np.asarray(sample_indices, dtype=np.int64)
             if sample_indices.shape != (self.embedding_.shape[0],):
                 raise ValueError("sample_indices must have one position per fitted row")
             if np.any(np.diff(sample_indices) <= 0):
                 raise ValueError("sample_indices must be sorted and unique")
-            embedding = dask.delayed(self.embedding_, name=f"{self._key}-points", pure=True)
-        reference = dask.delayed(
-            _Reference(_slim_reference(self.reference_)), name=self._key, pure=True
-        )
-        return da.map_blocks(
-            _transform_block, X,
-            reference=reference, params=self._transform_params(),
-            sample_indices=sample_indices, sample_embedding=embedding,
-            chunks=(X.chunks[0], (self.n_components,)), dtype=np.float64,
-            meta=np.empty((0, 0), dtype=np.float64),
-        )
+        # The estimator (the slim reference and the sample's coordinates) travels once per
+        # worker under its own key.
+        return per_block(_transform_block, X, self, n_features=self.n_features_in_,
+                         dtype=np.float64, n_columns=self.n_components, key=self._key,
+                         sample_indices=sample_indices)
 
 
 def subsample_trustworthiness(
