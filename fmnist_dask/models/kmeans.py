@@ -273,8 +273,8 @@ def _k_step(
     One task per block means one reader of the block, so that a lazily computed X
     (pixels scaled from persisted uint8) is fused into this task (see :func:`_lloyd_step`)
     and its float32 block lives only while the task runs. With assignment and moves as two
-    unfused tasks, every scaled block of a pass was held in worker memory (measured at
-    280,000 rows: 0.75 GB of scaled blocks).
+    unfused tasks, every scaled block of a pass was held in worker memory (docs/benchmarks.md,
+    "Scale").
     """
     *old, consts, k = args  # no state on the first step
     state = old[0] if old else None

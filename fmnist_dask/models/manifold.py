@@ -184,9 +184,8 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         ``max_shift`` pixels in each axis and rotated (:func:`random_views`,
         :func:`view_invariant_projection`), instead of the principal components.
     max_rotation : float, default=0.0
-        Largest rotation of those copies, in degrees either way. Alone, 10 raised NMI by 0.01
-        and lowered ACC by 0.01 on all 70,000 images; the job file pairs it with
-        ``mixture_selection="balanced"`` (docs/quality.md).
+        Largest rotation of those copies, in degrees either way. The job file pairs it with
+        ``mixture_selection="balanced"``; docs/quality.md has what each choice measured.
     n_view_pca : int, default=256
         Principal components of both views' features before the canonical directions.
     n_neighbors : int, default=20
@@ -426,11 +425,10 @@ def fit_member(estimator: ManifoldClustering, X: np.ndarray, seed: int,
 class ManifoldEnsemble(_SampleImageClusterer, BaseEstimator):
     """Consensus of several :class:`ManifoldClustering` fits that differ only in their seed.
 
-    One fit's clusters depend on its random patch dictionary, views and mixture start (on
-    all 70,000 Fashion-MNIST images, ACC 0.62-0.72 over 20 fits); the partition 4 members
-    agree on (:func:`consensus_labels`) scored better than its members' mean (with the
-    job file's settings ACC 0.718 vs 0.701, NMI 0.701 vs 0.701 over 5 seeds;
-    docs/quality.md). No label is read: members are combined by their agreement only.
+    One fit's clusters depend on its random patch dictionary, views and mixture start; the
+    partition the members agree on (:func:`consensus_labels`) scores better than their mean
+    (docs/quality.md, "All 70,000 images"). No label is read: members are combined by their
+    agreement only.
 
     Rows outside the sample are labelled by the k-NN vote of the *reference* member (the
     one agreeing most with the others, by mean NMI), its sample points now carrying the
