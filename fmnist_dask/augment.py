@@ -22,7 +22,7 @@ import pandas as pd
 
 from fmnist_dask import plots
 from fmnist_dask.config import AugmentSpec, DataSpec
-from fmnist_dask.fetch import CSV_COLUMNS, IMAGE_SHAPE, N_PIXELS, PIXEL_COLUMNS
+from fmnist_dask.schema import CSV_COLUMNS, IMAGE_SHAPE, N_PIXELS, PIXEL_COLUMNS
 from fmnist_dask.stages.load import Piece, parse_piece, plan_pieces
 
 MANIFEST = "augment.json"

@@ -19,26 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fmnist_dask.schema import CSV_COLUMNS
+
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 MIRROR_ENV = "FMNIST_MIRROR"
-
-LABEL_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-N_PIXELS = 784
-IMAGE_SHAPE = (28, 28)
-PIXEL_COLUMNS: tuple[str, ...] = tuple(f"pixel{i}" for i in range(1, N_PIXELS + 1))
-CSV_COLUMNS: tuple[str, ...] = ("label", *PIXEL_COLUMNS)
-
 
 @dataclass(frozen=True)
 class OfficialFile:

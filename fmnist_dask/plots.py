@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import patheffects  # noqa: E402
 
-from fmnist_dask.fetch import IMAGE_SHAPE  # noqa: E402
+from fmnist_dask.schema import IMAGE_SHAPE  # noqa: E402
 
 
 def save(fig: plt.Figure, path: Path) -> Path:

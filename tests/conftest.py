@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import yaml
 
-from fmnist_dask.fetch import CSV_COLUMNS, MIRROR_ENV, PIXEL_COLUMNS, load_split
+from fmnist_dask.fetch import MIRROR_ENV, load_split
+from fmnist_dask.schema import CSV_COLUMNS, PIXEL_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "fmnist_dask.cli"]

@@ -10,7 +10,7 @@ import pandas as pd
 
 from fmnist_dask.augment import augment
 from fmnist_dask.config import AugmentSourceSpec, AugmentSpec, CleanSpec, DataSpec
-from fmnist_dask.fetch import PIXEL_COLUMNS
+from fmnist_dask.schema import PIXEL_COLUMNS
 from fmnist_dask.stages import clean as clean_stage
 from fmnist_dask.stages.load import load
 from tests.conftest import cli

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fmnist_dask.config import CleanSpec, DataSpec, EdaSpec
-from fmnist_dask.fetch import CSV_COLUMNS, LABEL_NAMES, PIXEL_COLUMNS
+from fmnist_dask.schema import CSV_COLUMNS, LABEL_NAMES, PIXEL_COLUMNS
 from fmnist_dask.stages import clean as clean_stage
 from fmnist_dask.stages import eda as eda_stage
 from fmnist_dask.stages.load import InputError, load

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from fmnist_dask.config import CleanSpec
-from fmnist_dask.fetch import PIXEL_COLUMNS
+from fmnist_dask.schema import PIXEL_COLUMNS
 from fmnist_dask.stages.load import ID_COLUMNS, REJECT_COLUMNS, Piece
 
 CLEANED_DIR = "cleaned"

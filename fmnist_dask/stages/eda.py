@@ -15,7 +15,7 @@ import numpy as np
 
 from fmnist_dask import plots
 from fmnist_dask.config import EdaSpec
-from fmnist_dask.fetch import LABEL_NAMES
+from fmnist_dask.schema import LABEL_NAMES
 from fmnist_dask.stages.clean import CleanData
 
 

@@ -19,9 +19,9 @@ from scipy.optimize import linear_sum_assignment
 from fmnist_dask import plots
 from fmnist_dask.artefacts import write_aligned_parquet
 from fmnist_dask.config import ScoreSpec
-from fmnist_dask.fetch import LABEL_NAMES
 from fmnist_dask.metrics import contingency, external_scores, silhouette
 from fmnist_dask.sampling import choose_sample_indices, take_rows
+from fmnist_dask.schema import LABEL_NAMES
 from fmnist_dask.stages.clean import CleanData
 from fmnist_dask.stages.cluster import ClusterResult
 

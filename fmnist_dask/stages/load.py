@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from dask.utils import parse_bytes
 
 from fmnist_dask.config import DataSpec
-from fmnist_dask.fetch import CSV_COLUMNS, N_PIXELS, PIXEL_COLUMNS
+from fmnist_dask.schema import CSV_COLUMNS, N_PIXELS, PIXEL_COLUMNS
 
 NO_LABEL = -1
 ID_COLUMNS = ("row_id", "split", "source_file", "source_line", "label")
