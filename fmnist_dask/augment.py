@@ -22,12 +22,11 @@ import pandas as pd
 
 from fmnist_dask import plots
 from fmnist_dask.config import AugmentSpec, DataSpec
-from fmnist_dask.schema import CSV_COLUMNS, IMAGE_SHAPE, N_PIXELS, PIXEL_COLUMNS
+from fmnist_dask.schema import CSV_COLUMNS, N_PIXELS, PIXEL_COLUMNS
 from fmnist_dask.stages.load import Piece, parse_piece, plan_pieces
+from fmnist_dask.warp import warp
 
 MANIFEST = "augment.json"
-#: Rows warped at a time: bounds the float temporaries of the bilinear warp.
-WARP_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -60,75 +59,9 @@ def draw_transforms(rng: np.random.Generator, n: int, spec: AugmentSpec) -> Tran
     )
 
 
-def _warp(images: np.ndarray, t: Transforms,
-          image_shape: tuple[int, int] = IMAGE_SHAPE) -> np.ndarray:
-    """Rotate about the centre and shift (bilinear, zero outside), then flip; float32."""
-    n = len(images)
-    height, width = image_shape
-    pictures = images.reshape(n, height, width).astype(np.float32)
-    if not (t.angle.any() or t.shift_x.any() or t.shift_y.any()):
-        warped = pictures
-    else:
-        cy, cx = (height - 1) / 2, (width - 1) / 2
-        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-        theta = np.deg2rad(t.angle).astype(np.float32)[:, None, None]
-        cos, sin = np.cos(theta), np.sin(theta)
-        # Inverse map: each output pixel samples the source at R^-1 (p - c - shift) + c.
-        dx = xs[None] - cx - t.shift_x[:, None, None].astype(np.float32)
-        dy = ys[None] - cy - t.shift_y[:, None, None].astype(np.float32)
-        src_x = cos * dx + sin * dy + cx
-        src_y = -sin * dx + cos * dy + cy
-        x0, y0 = np.floor(src_x).astype(np.int64), np.floor(src_y).astype(np.int64)
-        fx, fy = src_x - x0, src_y - y0
-        padded = np.zeros((n, height + 2, width + 2), np.float32)
-        padded[:, 1:-1, 1:-1] = pictures
-        index = np.arange(n)[:, None, None]
-
-        def at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-            # +1 for the zero border; anything further out reads the border too.
-            return padded[index, np.clip(yy + 1, 0, height + 1), np.clip(xx + 1, 0, width + 1)]
-
-        warped = ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1))
-                  + fy * ((1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)))
-    warped = np.where(t.flip[:, None, None], warped[:, :, ::-1], warped)
-    return warped.reshape(n, height * width)
-
-
-def _warp_in_parts(images: np.ndarray, t: Transforms,
-                   image_shape: tuple[int, int] = IMAGE_SHAPE) -> np.ndarray:
-    """:func:`_warp` over ``WARP_ROWS`` rows at a time (bounds its float temporaries)."""
-    out = np.empty((len(images), image_shape[0] * image_shape[1]), dtype=np.float32)
-    for start in range(0, len(images), WARP_ROWS):
-        part = slice(start, start + WARP_ROWS)
-        sub = Transforms(t.shift_x[part], t.shift_y[part], t.angle[part], t.flip[part],
-                         t.contrast[part], t.brightness[part], t.noise)
-        out[part] = _warp(images[part], sub, image_shape)
-    return out
-
-
-def rotate(images: np.ndarray, angles: np.ndarray,
-           image_shape: tuple[int, int] = IMAGE_SHAPE) -> np.ndarray:
-    """Each image rotated about its centre by its angle (degrees), bilinear, zero outside.
-
-    Parameters
-    ----------
-    images : numpy.ndarray of shape (n, height * width)
-    angles : numpy.ndarray of shape (n,)
-        Degrees; positive turns the picture clockwise as displayed (rows downwards).
-
-    Returns
-    -------
-    numpy.ndarray of shape (n, height * width), float32
-    """
-    none = np.zeros(len(images), dtype=np.float32)
-    turns = Transforms(none, none, np.asarray(angles, np.float32), none.astype(bool),
-                       none, none, 0.0)
-    return _warp_in_parts(images, turns, image_shape)
-
-
 def apply_transforms(images: np.ndarray, t: Transforms, rng: np.random.Generator) -> np.ndarray:
     """Transformed copies of ``images`` (n, 784) uint8, as uint8."""
-    out = _warp_in_parts(images, t)
+    out = warp(images, t.angle, t.shift_x, t.shift_y, t.flip)
     mean = out.mean(axis=1, keepdims=True)
     out = (out - mean) * t.contrast[:, None] + mean + t.brightness[:, None]
     if t.noise:

@@ -22,7 +22,6 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
-from fmnist_dask.augment import rotate
 from fmnist_dask.config import ManifoldSpec, load_job_spec
 from fmnist_dask.metrics import contingency, external_scores
 from fmnist_dask.models.features import PatchDictionaryFeatures, _pool_edges
@@ -37,6 +36,7 @@ from fmnist_dask.models.manifold import (
     view_invariant_projection,
 )
 from fmnist_dask.stages.cluster import manifold_ensemble
+from fmnist_dask.warp import rotate
 
 REPO = Path(__file__).resolve().parents[1]
 N_SAMPLE, N_NEW = 4_000, 2_000

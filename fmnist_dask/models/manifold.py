@@ -40,9 +40,9 @@ from sklearn.utils import check_array, check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from fmnist_dask._blocks import per_block, rows_in_sample
-from fmnist_dask.augment import rotate
 from fmnist_dask.models.extend import KNeighborsExtension
 from fmnist_dask.models.features import PatchDictionaryFeatures
+from fmnist_dask.warp import rotate
 
 
 def _project_block(block: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
