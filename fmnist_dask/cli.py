@@ -152,7 +152,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fmnist_dask.config import load_job_spec
-    from fmnist_dask.pipeline import run_job
+    from fmnist_dask.stages.load import check_inputs
 
     overrides = {
         "data.dir": args.data, "output_dir": args.out, "cluster.config": args.cluster,
@@ -160,6 +160,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "data.limit_rows": args.limit_rows, "clean.on_bad_rows": args.on_bad_rows,
     }
     spec = load_job_spec(args.job, overrides)
+    if not spec.augment.enabled:  # augmented inputs are written by the job itself
+        check_inputs(spec.data)  # before a cluster starts: a missing file is refused at once
+    from fmnist_dask.pipeline import run_job  # imports every stage: only once it is needed
+
     run_dir = run_job(spec, run_name=args.run_name)
     print(run_dir)
     return EXIT_OK

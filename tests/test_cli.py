@@ -226,6 +226,23 @@ def test_job_spec_errors_name_the_key(tmp_path):
     assert result.returncode == 2 and "missing.yaml: job spec not found" in result.stderr
 
 
+def test_missing_or_foreign_inputs_are_refused_before_a_cluster_starts(tmp_path):
+    out = tmp_path / "outputs"
+    missing = tmp_path / "nowhere"
+    result = cli("run", "--data", str(missing), "--out", str(out))
+    assert result.returncode == 3
+    assert f"{missing}/fashion-mnist_train.csv: no such file (split 'train')" in result.stderr
+    assert not out.exists()  # refused before a run (or its cluster) started
+    assert "Dask dashboard" not in result.stderr
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for split in ("train", "test"):
+        (foreign / f"fashion-mnist_{split}.csv").write_text("name,price\nshoe,3\n")
+    result = cli("run", "--data", str(foreign), "--out", str(out))
+    assert result.returncode == 3 and "fashion-mnist_train.csv" in result.stderr
+    assert not out.exists()
+
+
 def test_idx_reader_rejects_truncated_file(tmp_path, real_dir):
     truncated = tmp_path / "train-images-idx3-ubyte"
     truncated.write_bytes(gzip.open(real_dir / "train-images-idx3-ubyte.gz").read(

@@ -221,12 +221,8 @@ def count_csv_rows(piece: Piece) -> tuple[int, int]:
     return lines, lines - blank - (1 if piece.has_header else 0)
 
 
-def plan_pieces(spec: DataSpec) -> list[Piece]:
-    """Cut every input file into pieces and number their rows.
-
-    CSV row counts come from a cheap newline-counting pass run on the cluster; parquet and
-    IDX counts come from their metadata and headers.
-    """
+def _file_pieces(spec: DataSpec) -> list[Piece]:
+    """Every input file cut into pieces, rows not yet counted (headers and metadata read)."""
     blocksize = parse_bytes(spec.blocksize)
     pieces: list[Piece] = []
     for file_index, (split, path) in enumerate(resolve_inputs(spec)):
@@ -236,6 +232,23 @@ def plan_pieces(spec: DataSpec) -> list[Piece]:
             pieces.extend(_idx_pieces(split, file_index, path))
         else:
             pieces.extend(_parquet_pieces(split, file_index, path))
+    return pieces
+
+
+def check_inputs(spec: DataSpec) -> None:
+    """What can be checked of the inputs without a cluster, in about a second: every path
+    matches a file and each file starts as its format must (CSV header, IDX magic number
+    and counts, parquet columns). Raises :class:`InputError` naming the file."""
+    _file_pieces(spec)
+
+
+def plan_pieces(spec: DataSpec) -> list[Piece]:
+    """Cut every input file into pieces and number their rows.
+
+    CSV row counts come from a cheap newline-counting pass run on the cluster; parquet and
+    IDX counts come from their metadata and headers.
+    """
+    pieces = _file_pieces(spec)
     if spec.format == "csv":
         counts = dask.compute(*[dask.delayed(count_csv_rows)(p) for p in pieces])
     else:
