@@ -209,3 +209,29 @@ def method_comparison(methods: Sequence[str], scores: dict[str, Sequence[float]]
               bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.axhline(0, color="black", linewidth=0.5)
     return save(fig, path)
+
+
+@_one_at_a_time
+def timeline(names: Sequence[str], starts: Sequence[float], ends: Sequence[float],
+             done: Sequence[bool], path: Path, title: str) -> Path:
+    """One horizontal bar per stage from its start to its end (seconds since the run began).
+
+    Stages that did not finish (``done`` false) are hatched, so the picture also reads in
+    grey.
+    """
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(names) + 1.3))
+    rows = np.arange(len(names))
+    widths = np.maximum(np.subtract(ends, starts), 0)
+    bars = ax.barh(rows, widths, left=starts, height=0.6, color="#0b4f8a", edgecolor="white")
+    for bar, ok in zip(bars, done, strict=True):
+        if not ok:
+            bar.set(color="#8a1f11", hatch="//")
+    for row, end, width in zip(rows, ends, widths, strict=True):
+        ax.text(end, row, f" {width:.1f} s", va="center", fontsize=7)
+    ax.set_yticks(rows, names, fontsize=8)
+    ax.invert_yaxis()  # the first stage on top, as in the table
+    ax.set_xlabel("seconds since the run started")
+    ax.set_xlim(0, max(ends, default=1) * 1.12 or 1)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    return save(fig, path)

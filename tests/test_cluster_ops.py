@@ -41,9 +41,10 @@ from fmnist_dask.rundir import open_run
 from tests.cluster_procs import dask_processes, free_port, make_tls_files
 from tests.conftest import N_TEST, N_TRAIN, running, saved_logging
 
-#: One log line: UTC time, level, [stage], message.
+#: One log line: UTC time, level, [stage], message. A line from Dask's own threads while
+#: several stages run names them all (``[gmm+tsne]``).
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL)"
-                  r" +\[([\w-]+)\] ")
+                  r" +\[([\w+-]+)\] ")
 PROGRESS = re.compile(r"\[(\w+)\] (\d+)/(\d+) tasks, (\d+) running, (\d+\.\d) s")
 
 
