@@ -1,8 +1,8 @@
 """Logging of a run: one line format for the terminal and for ``run.log``.
 
-Every line carries a UTC timestamp, the level, the stage running when it was logged and the
-message; lines from other libraries (Dask, ...) also name their logger, and lines a worker
-sent (its warnings and errors, see ``dask_cluster``) the worker::
+Every line carries a UTC timestamp, the level, the stage it was logged for (see
+:func:`stage_label`) and the message; lines from other libraries (Dask, ...) also name their
+logger, and lines a worker sent (its warnings and errors, see ``dask_cluster``) the worker::
 
     2026-11-27T10:39:09.512Z INFO    [kmeans_raw] started
     2026-11-27T10:39:12.004Z WARNING [kmeans_raw] worker tcp://10.0.0.7:40123 left ...

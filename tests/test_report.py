@@ -133,7 +133,8 @@ def test_report_command_regenerates_the_page_from_the_run_directory(runs, chromi
     assert result.stdout.strip() == str(run / "report.html")
     page = load_page(run / "report.html", PAGE_FACTS)
     assert page.errors == []
-    assert page.result["notDecoded"] == [] and len(page.result["images"]) == 21
+    # 21 figures of the run and timeline.png (added with the graph of stages), redrawn here
+    assert page.result["notDecoded"] == [] and len(page.result["images"]) == 22
     metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")
     assert [r[1] for r in page.result["comparison"]] == list(
         metrics["ari"].sort_values(ascending=False).index)
