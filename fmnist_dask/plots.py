@@ -213,16 +213,26 @@ def method_comparison(methods: Sequence[str], scores: dict[str, Sequence[float]]
 
 @_one_at_a_time
 def timeline(names: Sequence[str], starts: Sequence[float], ends: Sequence[float],
-             done: Sequence[bool], path: Path, title: str) -> Path:
-    """One horizontal bar per stage from its start to its end (seconds since the run began).
+             done: Sequence[bool], path: Path, title: str,
+             workers: dict[str, list[tuple[str, float, float]]] | None = None) -> Path:
+    """The run over time: one bar per stage from its start to its end, and below it, given
+    ``workers`` (``{worker: [(stage, start, end), ...]}``), one row per worker with the
+    intervals it computed each stage's tasks, coloured by stage. Times are seconds since
+    the run began.
 
     Stages that did not finish (``done`` false) are hatched, so the picture also reads in
     grey.
     """
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(names) + 1.3))
+    workers = workers or {}
+    colours = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    heights = [0.32 * len(names) + 0.9] + ([0.4 * len(workers) + 0.9] if workers else [])
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, sum(heights) + 0.6), sharex=True,
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
+    ax = axes[0, 0]
     rows = np.arange(len(names))
     widths = np.maximum(np.subtract(ends, starts), 0)
-    bars = ax.barh(rows, widths, left=starts, height=0.6, color="#0b4f8a", edgecolor="white")
+    bars = ax.barh(rows, widths, left=starts, height=0.6, edgecolor="white",
+                   color=[colours[n] if workers else "#0b4f8a" for n in names])
     for bar, ok in zip(bars, done, strict=True):
         if not ok:
             bar.set(color="#8a1f11", hatch="//")
@@ -230,8 +240,18 @@ def timeline(names: Sequence[str], starts: Sequence[float], ends: Sequence[float
         ax.text(end, row, f" {width:.1f} s", va="center", fontsize=7)
     ax.set_yticks(rows, names, fontsize=8)
     ax.invert_yaxis()  # the first stage on top, as in the table
-    ax.set_xlabel("seconds since the run started")
     ax.set_xlim(0, max(ends, default=1) * 1.12 or 1)
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title)
+    if workers:
+        wax = axes[1, 0]
+        for row, spans in enumerate(workers.values()):
+            wax.broken_barh([(a, b - a) for _, a, b in spans], (row - 0.3, 0.6),
+                            facecolors=[colours.get(stage, "grey") for stage, _, _ in spans])
+        wax.set_yticks(range(len(workers)), list(workers), fontsize=8)
+        wax.set_ylim(len(workers) - 0.5, -0.5)
+        wax.set_title("when each worker computed each stage's tasks (same colours)",
+                      fontsize=9)
+        wax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("seconds since the run started")
     return save(fig, path)

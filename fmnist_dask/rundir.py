@@ -67,6 +67,8 @@ class Run:
     stage_hooks: list[StageHook] = field(default_factory=list)
     #: ``time.perf_counter()`` when the run started: stage start and end times count from it.
     started: float = field(default_factory=time.perf_counter)
+    #: ``time.time()`` at the same moment: Dask's task times are epoch times.
+    started_epoch: float = field(default_factory=time.time)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _closed: bool = field(default=False, repr=False)
 

@@ -132,3 +132,11 @@ def test_two_runs_of_one_job_agree_exactly_whichever_stage_finishes_first(
     # The sample-based models overlapped: each started before the other ended.
     assert stages["gmm"]["start"] < stages["spectral"]["end"]
     assert stages["spectral"]["start"] < stages["gmm"]["end"]
+    # When each worker computed each stage's tasks (the report's timeline draws it): within
+    # the stage's own time, give or take the workers' clocks.
+    for name in ("kmeans_raw", "gmm"):
+        busy = stages[name]["workers"]
+        assert busy and set(busy) <= {w["address"] for w in manifest["cluster"]["workers"]}
+        for intervals in busy.values():
+            for start, end in intervals:
+                assert stages[name]["start"] - 0.5 <= start <= end <= stages[name]["end"] + 0.5

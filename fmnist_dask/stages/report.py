@@ -585,7 +585,8 @@ def render_report(run_dir: Path, sort_by: str = DEFAULT_SORT) -> str:
 
 
 def write_timeline(run_dir: Path) -> Path | None:
-    """Draw ``timeline.png`` (the stages as bars over time) from ``manifest.json``.
+    """Draw ``timeline.png`` from ``manifest.json``: the stages as bars over time and, when
+    the stage records have them (``workers``), when each worker computed which stage.
 
     Returns None, drawing nothing, when no stage has both a start and an end (a run made
     before stages recorded them). A stage still running (the report stage itself, while the
@@ -598,10 +599,15 @@ def write_timeline(run_dir: Path) -> Path | None:
         return None
     from fmnist_dask import plots  # matplotlib only when there is something to draw
 
+    workers: dict[str, list[tuple[str, float, float]]] = {}
+    for name, stage in timed:
+        for worker, intervals in (stage.get("workers") or {}).items():
+            workers.setdefault(worker, []).extend((name, a, b) for a, b in intervals)
     return plots.timeline([n for n, _ in timed], [s["start"] for _, s in timed],
                           [s["end"] for _, s in timed],
                           [s.get("status") == "done" for _, s in timed], run_dir / TIMELINE,
-                          f"Run {manifest.get('run_name', run_dir.name)}: stages over time")
+                          f"Run {manifest.get('run_name', run_dir.name)}: stages over time",
+                          workers={w.split("://")[-1]: workers[w] for w in sorted(workers)})
 
 
 def write_report(run_dir: Path, sort_by: str = DEFAULT_SORT) -> Path:
