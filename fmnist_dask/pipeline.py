@@ -14,6 +14,7 @@ the per-method outputs are gathered in the table's order, not in finishing order
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import queue
 import threading
@@ -272,7 +273,7 @@ def enabled_stages(spec: JobSpec, stages: Iterable[Stage] = STAGES) -> dict[str,
     for stage in chosen:
         needs = (tuple(n for n in names if n != stage.name) if stage.needs == ("*",)
                  else tuple(n for n in stage.needs if n in names))
-        graph[stage.name] = Stage(stage.name, stage.run, needs, stage.enabled)
+        graph[stage.name] = dataclasses.replace(stage, needs=needs)
     return graph
 
 
