@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class SpecError(ValueError):
@@ -194,8 +195,18 @@ class ClusterRef(_Strict):
     scheduler: str | None = None
 
 
+#: Sections that need the PCA: they are fitted on (or embed) a sample of its projection.
+NEEDS_REDUCE = ("gmm", "spectral", "manifold", "tsne")
+
+
 class JobSpec(_Strict):
-    """A whole job."""
+    """A whole job.
+
+    A stage whose inputs another setting turns off is refused rather than skipped: GMM,
+    spectral, manifold-gmm and t-SNE work on a sample of the PCA projection, so each of
+    them needs ``reduce.enabled``. (k-means runs on the pixels as well; with the PCA off it
+    runs there only.)
+    """
 
     name: str = "fashion-mnist"
     seed: int = 0
@@ -219,6 +230,18 @@ class JobSpec(_Strict):
     scores: ScoreSpec = ScoreSpec()
     cluster: ClusterRef = ClusterRef()
 
+    @model_validator(mode="after")
+    def _prerequisites_on(self) -> JobSpec:
+        needing = [f"{section}.enabled" for section in NEEDS_REDUCE
+                   if getattr(self, section).enabled]
+        if needing and not self.reduce.enabled:
+            raise PydanticCustomError(
+                "prerequisite_off",
+                "{keys} {verb} reduce.enabled, which is false: these work on a sample of the "
+                "PCA projection; turn reduce on or them off",
+                {"keys": ", ".join(needing), "verb": "needs" if len(needing) == 1 else "need"})
+        return self
+
 
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid job spec"]
@@ -226,6 +249,8 @@ def _describe(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif item["type"] == "prerequisite_off":  # names its keys itself
+            lines.append(f"  {item['msg']}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Logging of a run: one line format for the terminal and for ``run.log``.
 
-Every line carries a UTC timestamp, the level, the stage running when it was logged and the
-message; lines from other libraries (Dask, ...) also name their logger, and lines a worker
-sent (its warnings and errors, see ``dask_cluster``) the worker::
+Every line carries a UTC timestamp, the level, the stage it was logged for (see
+:func:`stage_label`) and the message; lines from other libraries (Dask, ...) also name their
+logger, and lines a worker sent (its warnings and errors, see ``dask_cluster``) the worker::
 
     2026-11-27T10:39:09.512Z INFO    [kmeans_raw] started
     2026-11-27T10:39:12.004Z WARNING [kmeans_raw] worker tcp://10.0.0.7:40123 left ...
@@ -16,6 +16,7 @@ duration of a run. The terminal handler also owns the one-line progress display
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import logging
 import sys
@@ -32,29 +33,46 @@ NO_STAGE = "-"
 #: Libraries whose log lines go through the same handlers (their own handlers are removed).
 THIRD_PARTY = ("distributed", "bokeh", "tornado", "dask", "dask_ml", "py.warnings")
 
-_stage = NO_STAGE  # stages run one after another, so one module-level label is enough
-
-
-def current_stage() -> str:
-    """Name of the stage running now, or ``"-"``."""
-    return _stage
+#: The stage the current thread (or asyncio task) works for: stages run in threads of their
+#: own, several at a time, so the label is per context, not per process.
+_stage: contextvars.ContextVar[str | None] = contextvars.ContextVar("fmnist_dask_stage",
+                                                                   default=None)
+#: Stages running now, in the order they started: the label of lines logged by threads that
+#: work for no stage in particular (Dask's event loop forwarding a worker's warning, ...).
+_running: list[str] = []
+_running_lock = threading.Lock()
 
 
 @contextmanager
 def stage_label(name: str) -> Iterator[None]:
-    """Tag every log line (from any thread) with ``name`` while the block runs."""
-    global _stage
-    previous, _stage = _stage, name
+    """Tag the log lines of this thread with ``name`` while the block runs.
+
+    Lines from threads outside any stage (Dask's event loop, ...) are tagged with the stages
+    running at the time, joined by ``+`` when several run at once.
+    """
+    token = _stage.set(name)
+    with _running_lock:
+        _running.append(name)
     try:
         yield
     finally:
-        _stage = previous
+        with _running_lock:
+            _running.remove(name)
+        _stage.reset(token)
+
+
+def _label() -> str:
+    own = _stage.get()
+    if own is not None:
+        return own
+    with _running_lock:
+        return "+".join(_running) or NO_STAGE
 
 
 class _StageFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "stage"):
-            record.stage = _stage
+            record.stage = _label()
         return True
 
 

@@ -1,19 +1,33 @@
-"""The orchestrator: runs the stages in order and records each one's wall time.
+"""The orchestrator: the job as a graph of stages, each started as soon as what it needs exists.
 
-Each stage is a function from dask collections to dask collections plus the artefacts it
-writes into the run directory; this module only wires them together.
+:data:`STAGES` is the whole job: every stage's name, the function that runs it, the stages
+whose outputs it needs and whether the spec turns it on. :func:`run_job` runs each stage in a
+thread of its own once its inputs are there, so independent stages (k-means on pixels and
+the PCA; the sample-based models; each method's scores) share the cluster at the same time,
+all through the one client. Every stage keeps its ``run.stage`` record in the manifest.
+
+Results do not depend on which stage finishes first: every stage draws its randomness from
+the job's seed alone, reads the outputs of the stages it names and changes none of them, and
+the per-method outputs are gathered in the table's order, not in finishing order.
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fmnist_dask import logs, progress
 from fmnist_dask.augment import augment
 from fmnist_dask.config import JobSpec
-from fmnist_dask.dask_cluster import load_cluster_config, open_cluster
-from fmnist_dask.rundir import default_run_name, open_run
+from fmnist_dask.dask_cluster import ClusterSession, load_cluster_config, open_cluster
+from fmnist_dask.rundir import Run, default_run_name, open_run
 from fmnist_dask.stages import clean, cluster, eda, embed, evaluate, load, reduce, report
 
 logger = logging.getLogger("fmnist_dask")
@@ -23,6 +37,286 @@ PERSIST_SHARE = 0.25
 
 def _worker_memory(description: dict) -> int:
     return sum(int(w.get("memory_limit_bytes") or 0) for w in description.get("workers", []))
+
+
+@dataclass
+class JobState:
+    """What the stages of one run share: the spec, the run, the cluster and the outputs.
+
+    ``outputs[name]`` is what stage ``name`` returned; a stage reads only the outputs of the
+    stages it needs, and never changes them.
+    """
+
+    spec: JobSpec
+    run: Run
+    session: ClusterSession
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.run.manifest
+
+    def features(self, space: str) -> Any:
+        """The rows of a feature space a method saw: ``pixels`` or ``pca``."""
+        data, _ = self.outputs["clean"]
+        return data.pixels if space == "pixels" else self.outputs["reduce"][0]
+
+
+#: What a stage function returns: its output (for the stages that need it) and the details
+#: for its manifest record.
+StageOutput = tuple[Any, dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages. Each takes the job's state and returns (output, record details).
+# ---------------------------------------------------------------------------------------------
+
+
+def _augment(job: JobState) -> StageOutput:
+    spec = job.spec.augment
+    return None, augment(spec.source, spec, Path(spec.out))
+
+
+def _load(job: JobState) -> StageOutput:
+    raw, pieces, files = load.load(job.spec.data)
+    return (raw, pieces, files), {"inputs": files, "partitions": len(pieces)}
+
+
+def _clean(job: JobState) -> StageOutput:
+    raw, pieces, files = job.outputs["load"]
+    counts = clean.clean(raw, pieces, files, job.spec.clean, job.run.dir)
+    job.manifest["rows"] = counts.as_dict()
+    data = clean.load_cleaned(job.run.dir)
+    keep = data.raw_pixels.nbytes <= min(
+        job.spec.persist_max_bytes, PERSIST_SHARE * _worker_memory(job.session.description))
+    job.manifest["pixels"] = {"bytes": int(data.raw_pixels.nbytes), "in_worker_memory": keep}
+    if keep:
+        # Read once and keep the uint8 pixels (a quarter of float32) in worker memory:
+        # k-means and PCA pass over them many times; each pass rescales block by block.
+        data.raw_pixels = data.raw_pixels.persist()
+    return (data, list(counts.read)), {"rows": counts.as_dict()["total"]}
+
+
+def _eda(job: JobState) -> StageOutput:
+    data, splits = job.outputs["clean"]
+    summary = eda.explore(data, splits, job.spec.eda, job.run.dir, job.spec.seed)
+    job.manifest["eda"] = summary
+    return None, {"pixel_mean": summary["pixel_mean"], "pixel_std": summary["pixel_std"]}
+
+
+def _kmeans_raw(job: JobState) -> StageOutput:
+    result, model = cluster.kmeans(job.features("pixels"), job.spec.kmeans, job.spec.seed,
+                                   "kmeans_raw", "pixels")
+    cluster.save_centroids(model.cluster_centers_, result.method, job.run.dir,
+                           images=model.cluster_centers_)
+    return result, result.scores
+
+
+def _reduce(job: JobState) -> StageOutput:
+    data, _ = job.outputs["clean"]
+    reduction, summary = reduce.reduce(data.pixels, data.row_id, job.spec.reduce, job.run.dir)
+    job.manifest["pca"] = summary
+    # The projection, kept on the workers, and the PCA (its inverse shows k-means centres).
+    return (reduction.projected.persist(), reduction.pca), {
+        "cumulative_explained_variance": summary["cumulative_explained_variance"]}
+
+
+def _kmeans_pca(job: JobState) -> StageOutput:
+    result, model = cluster.kmeans(job.features("pca"), job.spec.kmeans, job.spec.seed,
+                                   "kmeans_pca", "pca")
+    _, pca = job.outputs["reduce"]
+    centres = pca.inverse_transform(model.cluster_centers_).compute()
+    cluster.save_centroids(model.cluster_centers_, result.method, job.run.dir, images=centres)
+    return result, result.scores
+
+
+def _sample(job: JobState) -> StageOutput:
+    sample = cluster.draw_sample(job.features("pca"), job.spec.sample.size, job.spec.seed)
+    return sample, {"sample_size": sample.size}
+
+
+def _gmm(job: JobState) -> StageOutput:
+    result = cluster.gmm(job.features("pca"), job.outputs["sample"], job.spec.gmm,
+                         job.spec.seed)
+    return result, result.scores
+
+
+def _spectral(job: JobState) -> StageOutput:
+    result = cluster.spectral(job.features("pca"), job.outputs["sample"], job.spec.spectral,
+                              job.spec.seed)
+    return result, result.scores
+
+
+def _manifold(job: JobState) -> StageOutput:
+    result = cluster.manifold(job.features("pixels"), job.outputs["sample"],
+                              job.spec.manifold, job.spec.seed)
+    return result, result.scores
+
+
+def _tsne(job: JobState) -> StageOutput:
+    data, _ = job.outputs["clean"]
+    embedding, summary = embed.tsne(job.features("pca"), job.outputs["sample"], data.row_id,
+                                    job.spec.tsne, job.spec.seed, job.run.dir)
+    job.manifest["tsne"] = summary
+    return embedding, summary
+
+
+def _scorer(method: str) -> Callable[[JobState], StageOutput]:
+    """The stage that scores ``method`` (its silhouette, scores against the labels, PNGs)."""
+    def score(job: JobState) -> StageOutput:
+        result = job.outputs[method]
+        data, _ = job.outputs["clean"]
+        row, names = evaluate.score(result, job.features(result.features), data,
+                                    job.spec.scores, job.run.dir, job.spec.seed)
+        return (row, names), {k: float(row[k]) for k in SCORE_DETAILS if row.get(k) is not None}
+    score.__name__ = f"_score_{method}"
+    return score
+
+
+def _evaluate(job: JobState) -> StageOutput:
+    # The table's order, whichever method finished first.
+    methods = [m for m in METHODS if f"score_{m}" in job.outputs]
+    results = [job.outputs[m] for m in methods]
+    rows = [job.outputs[f"score_{m}"][0] for m in methods]
+    names = {m: job.outputs[f"score_{m}"][1] for m in methods}
+    data, _ = job.outputs["clean"]
+    evaluate.write_assignments(results, data, job.run.dir)
+    metrics = evaluate.write_metrics(rows, job.run.dir)
+    job.manifest["metrics"] = metrics.to_dict("records")
+    if "tsne" in job.outputs:
+        embedding = job.outputs["tsne"]
+        evaluate.tsne_figures(embedding.coordinates, embedding.indices, results, names, data,
+                              job.run.dir)
+    seconds = {name: stage["seconds"] for name, stage in dict(job.manifest["stages"]).items()
+               if "seconds" in stage}
+    evaluate.write_comparison(metrics, seconds, job.run.dir)
+    return None, {"methods": methods}
+
+
+def _report(job: JobState) -> StageOutput:
+    # Built from the files written above only, exactly as `fmnist-dask report` does.
+    return None, {"file": report.write_report(job.run.dir).name}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the job.
+
+    Attributes
+    ----------
+    name : str
+        Its name in the manifest, the log and the report.
+    run : callable
+        ``run(job) -> (output, record details)``.
+    needs : tuple of str
+        Stages whose outputs it reads; it starts once they are done. A need on a stage the
+        spec turns off is no need (the spec refuses a stage whose inputs are off, see
+        ``config.JobSpec``). ``("*",)``: every other stage.
+    enabled : callable
+        ``enabled(spec) -> bool``: whether the spec runs it.
+    """
+
+    name: str
+    run: Callable[[JobState], StageOutput]
+    needs: tuple[str, ...] = ()
+    enabled: Callable[[JobSpec], bool] = lambda spec: True
+
+
+#: The clustering methods, in the order of the metrics table and the assignments' columns.
+METHODS = ("kmeans_raw", "kmeans_pca", "gmm", "spectral", "manifold_gmm")
+#: Scores a ``score_<method>`` stage also puts in its manifest record.
+SCORE_DETAILS = ("silhouette", "acc", "nmi", "ari")
+
+
+def _sample_based(spec: JobSpec) -> bool:
+    return (spec.gmm.enabled or spec.spectral.enabled or spec.tsne.enabled
+            or spec.manifold.enabled)
+
+
+def _method_enabled(method: str) -> Callable[[JobSpec], bool]:
+    return {
+        "kmeans_raw": lambda s: s.kmeans.enabled,
+        "kmeans_pca": lambda s: s.kmeans.enabled and s.reduce.enabled,
+        "gmm": lambda s: s.gmm.enabled,
+        "spectral": lambda s: s.spectral.enabled,
+        "manifold_gmm": lambda s: s.manifold.enabled,
+    }[method]
+
+
+#: The job. Order matters only for the manifest's and the report's listing of stages that
+#: become ready at the same moment.
+STAGES: tuple[Stage, ...] = (
+    Stage("augment", _augment, enabled=lambda s: s.augment.enabled),
+    Stage("load", _load, needs=("augment",)),  # reads what augment wrote, when it runs
+    Stage("clean", _clean, needs=("load",)),
+    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled),
+    Stage("kmeans_raw", _kmeans_raw, needs=("clean",), enabled=_method_enabled("kmeans_raw")),
+    Stage("reduce", _reduce, needs=("clean",), enabled=lambda s: s.reduce.enabled),
+    Stage("kmeans_pca", _kmeans_pca, needs=("reduce",), enabled=_method_enabled("kmeans_pca")),
+    Stage("sample", _sample, needs=("reduce",), enabled=_sample_based),
+    Stage("gmm", _gmm, needs=("sample",), enabled=_method_enabled("gmm")),
+    Stage("spectral", _spectral, needs=("sample",), enabled=_method_enabled("spectral")),
+    Stage("manifold_gmm", _manifold, needs=("sample",), enabled=_method_enabled("manifold_gmm")),
+    Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled),
+    *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m)) for m in METHODS),
+    Stage("evaluate", _evaluate, needs=(*(f"score_{m}" for m in METHODS), "tsne"),
+          enabled=lambda s: any(_method_enabled(m)(s) for m in METHODS)),
+    Stage("report", _report, needs=("*",)),
+)
+
+
+def enabled_stages(spec: JobSpec, stages: Iterable[Stage] = STAGES) -> dict[str, Stage]:
+    """The stages ``spec`` runs, each with its needs on stages that do not run dropped."""
+    chosen = [s for s in stages if s.enabled(spec)]
+    names = [s.name for s in chosen]
+    graph = {}
+    for stage in chosen:
+        needs = (tuple(n for n in names if n != stage.name) if stage.needs == ("*",)
+                 else tuple(n for n in stage.needs if n in names))
+        graph[stage.name] = dataclasses.replace(stage, needs=needs)
+    return graph
+
+
+def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
+    """Run ``stages`` (from :func:`enabled_stages`), each in its own thread once its needs
+    are done; return when all are done.
+
+    The first stage that fails stops the run: its error is raised here (in the calling
+    thread, so the command line maps it to its exit code) and no further stage starts; the
+    stages still running stop with the cluster as the error unwinds. Ctrl-C and SIGTERM
+    arrive in the calling thread, which only waits, and unwind the same way.
+    """
+    finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
+    pending = dict(stages)
+    running: set[str] = set()
+    done: set[str] = set()
+
+    def work(stage: Stage) -> None:
+        try:
+            with job.run.stage(stage.name, logger.info) as record:
+                output, details = stage.run(job)
+                record.update(details or {})
+            job.outputs[stage.name] = output
+            finished.put((stage.name, None))
+        except BaseException as error:  # handed to the calling thread, which raises it
+            finished.put((stage.name, error))
+
+    while pending or running:
+        ready = [s for s in pending.values() if set(s.needs) <= done]
+        if not ready and not running:
+            raise RuntimeError(f"stages whose needs never run: {sorted(pending)}")
+        for stage in ready:
+            del pending[stage.name]
+            running.add(stage.name)
+            # The thread sees this thread's context: the session's client is current there.
+            context = contextvars.copy_context()
+            threading.Thread(target=context.run, args=(work, stage), daemon=True,
+                             name=f"fmnist-dask-stage-{stage.name}").start()
+        name, error = finished.get()
+        running.discard(name)
+        if error is not None:
+            raise error
+        done.add(name)
 
 
 def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
@@ -39,100 +333,6 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
         manifest["dashboard_link"] = session.dashboard_link
         logger.info("Dask dashboard: %s", session.dashboard_link or "(none)")
         logger.info("run directory (while running): %s", run.dir)
-        log = logger.info
-
-        if spec.augment.enabled:
-            with run.stage("augment", log) as record:
-                record.update(augment(spec.augment.source, spec.augment, Path(spec.augment.out)))
-        with run.stage("load", log) as record:
-            raw, pieces, files = load.load(spec.data)
-            record.update(inputs=files, partitions=len(pieces))
-        with run.stage("clean", log) as record:
-            counts = clean.clean(raw, pieces, files, spec.clean, run.dir)
-            manifest["rows"] = counts.as_dict()
-            record["rows"] = counts.as_dict()["total"]
-        data = clean.load_cleaned(run.dir)
-        if spec.eda.enabled:
-            with run.stage("eda", log) as record:
-                manifest["eda"] = eda.explore(data, list(counts.read), spec.eda, run.dir, spec.seed)
-                record.update(pixel_mean=manifest["eda"]["pixel_mean"],
-                              pixel_std=manifest["eda"]["pixel_std"])
-
-        pixels = data.pixels
-        keep = data.raw_pixels.nbytes <= min(spec.persist_max_bytes,
-                                             PERSIST_SHARE * _worker_memory(session.description))
-        manifest["pixels"] = {"bytes": int(data.raw_pixels.nbytes), "in_worker_memory": keep}
-        if keep:
-            # Read once and keep the uint8 pixels (a quarter of float32) in worker memory:
-            # k-means and PCA pass over them many times; each pass rescales block by block.
-            data.raw_pixels = data.raw_pixels.persist()
-            pixels = data.pixels
-        results: list[cluster.ClusterResult] = []
-        spaces = {"pixels": pixels}
-        if spec.kmeans.enabled:
-            with run.stage("kmeans_raw", log) as record:
-                result, model = cluster.kmeans(pixels, spec.kmeans, spec.seed, "kmeans_raw",
-                                               "pixels")
-                cluster.save_centroids(model.cluster_centers_, result.method, run.dir,
-                                       images=model.cluster_centers_)
-                results.append(result)
-                record.update(result.scores)
-        if spec.reduce.enabled:
-            with run.stage("reduce", log) as record:
-                reduction, manifest["pca"] = reduce.reduce(pixels, data.row_id, spec.reduce,
-                                                           run.dir)
-                spaces["pca"] = reduction.projected.persist()
-                record["cumulative_explained_variance"] = manifest["pca"][
-                    "cumulative_explained_variance"]
-            if spec.kmeans.enabled:
-                with run.stage("kmeans_pca", log) as record:
-                    result, model = cluster.kmeans(spaces["pca"], spec.kmeans, spec.seed,
-                                                   "kmeans_pca", "pca")
-                    centres = reduction.pca.inverse_transform(model.cluster_centers_).compute()
-                    cluster.save_centroids(model.cluster_centers_, result.method, run.dir,
-                                           images=centres)
-                    results.append(result)
-                    record.update(result.scores)
-            needs_sample = (spec.gmm.enabled or spec.spectral.enabled or spec.tsne.enabled
-                            or spec.manifold.enabled)
-            if needs_sample:
-                with run.stage("sample", log) as record:
-                    sample = cluster.draw_sample(spaces["pca"], spec.sample.size, spec.seed)
-                    record["sample_size"] = sample.size
-            if spec.gmm.enabled:
-                with run.stage("gmm", log) as record:
-                    results.append(cluster.gmm(spaces["pca"], sample, spec.gmm, spec.seed))
-                    record.update(results[-1].scores)
-            if spec.spectral.enabled:
-                with run.stage("spectral", log) as record:
-                    results.append(cluster.spectral(spaces["pca"], sample, spec.spectral,
-                                                    spec.seed))
-                    record.update(results[-1].scores)
-            if spec.manifold.enabled:
-                with run.stage("manifold_gmm", log) as record:
-                    results.append(cluster.manifold(pixels, sample, spec.manifold, spec.seed))
-                    record.update(results[-1].scores)
-            if spec.tsne.enabled:
-                with run.stage("tsne", log) as record:
-                    embedding, manifest["tsne"] = embed.tsne(
-                        spaces["pca"], sample, data.row_id, spec.tsne, spec.seed, run.dir)
-                    record.update(manifest["tsne"])
-        if results:
-            with run.stage("evaluate", log) as record:
-                rows = [evaluate.score(r, spaces[r.features], data, spec.scores, run.dir,
-                                       spec.seed) for r in results]
-                evaluate.write_assignments(results, data, run.dir)
-                metrics = evaluate.write_metrics(rows, run.dir)
-                manifest["metrics"] = metrics.to_dict("records")
-                if spec.reduce.enabled and spec.tsne.enabled:
-                    evaluate.tsne_figures(embedding.coordinates, embedding.indices, results,
-                                          data, run.dir)
-                seconds = {name: stage["seconds"] for name, stage in manifest["stages"].items()
-                           if "seconds" in stage}
-                evaluate.write_comparison(metrics, seconds, run.dir)
-                record["methods"] = [r.method for r in results]
-        with run.stage("report", log) as record:
-            # Built from the files written above only, exactly as `fmnist-dask report` does.
-            record["file"] = report.write_report(run.dir).name
+        run_stages(JobState(spec, run, session), enabled_stages(spec))
     logger.info("run directory: %s", run.dir)
     return run.dir

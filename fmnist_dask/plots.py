@@ -1,13 +1,17 @@
 """Figures shared by the stages: image grids, bar charts, histograms.
 
 Matplotlib runs headless (Agg); every figure is closed after saving so long jobs do not
-accumulate memory.
+accumulate memory. Stages run in threads of their own, and pyplot keeps global state (the
+current figure, the figure registry): one figure is drawn at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import matplotlib
 
@@ -18,6 +22,18 @@ from matplotlib import patheffects  # noqa: E402
 
 from fmnist_dask.schema import IMAGE_SHAPE  # noqa: E402
 
+_PYPLOT = threading.RLock()
+_F = TypeVar("_F", bound=Callable)
+
+
+def _one_at_a_time(func: _F) -> _F:
+    """Draw and save the figure while holding the pyplot lock."""
+    @functools.wraps(func)
+    def locked(*args, **kwargs):
+        with _PYPLOT:
+            return func(*args, **kwargs)
+    return locked  # type: ignore[return-value]
+
 
 def save(fig: plt.Figure, path: Path) -> Path:
     """Save a figure as PNG (creating the folder) and close it."""
@@ -27,6 +43,7 @@ def save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+@_one_at_a_time
 def image_grid(images: np.ndarray, titles: Sequence[str], n_cols: int, path: Path,
                suptitle: str | None = None) -> Path:
     """Grid of 28x28 images (rows of ``images``, values in [0, 1]) with a title each."""
@@ -42,6 +59,7 @@ def image_grid(images: np.ndarray, titles: Sequence[str], n_cols: int, path: Pat
     return save(fig, path)
 
 
+@_one_at_a_time
 def bar_chart(names: Sequence[str], series: dict[str, Sequence[float]], path: Path,
               title: str, ylabel: str) -> Path:
     """Grouped bar chart: one group per name, one bar per series (e.g. per split)."""
@@ -60,6 +78,7 @@ def bar_chart(names: Sequence[str], series: dict[str, Sequence[float]], path: Pa
     return save(fig, path)
 
 
+@_one_at_a_time
 def histogram(counts: np.ndarray, edges: np.ndarray, path: Path, title: str,
               xlabel: str) -> Path:
     """Bar plot of precomputed histogram counts (log scale: background pixels dominate)."""
@@ -72,6 +91,7 @@ def histogram(counts: np.ndarray, edges: np.ndarray, path: Path, title: str,
     return save(fig, path)
 
 
+@_one_at_a_time
 def explained_variance(ratio: np.ndarray, path: Path) -> Path:
     """Bars of each component's explained-variance ratio and the cumulative curve."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -90,6 +110,7 @@ def explained_variance(ratio: np.ndarray, path: Path) -> Path:
     return save(fig, path)
 
 
+@_one_at_a_time
 def cluster_samples(images: np.ndarray, clusters: np.ndarray, n_clusters: int, per_cluster: int,
                     path: Path, title: str, cluster_titles: Sequence[str] | None = None) -> Path:
     """One row per cluster with up to ``per_cluster`` of its images (values in [0, 1])."""
@@ -109,6 +130,7 @@ def cluster_samples(images: np.ndarray, clusters: np.ndarray, n_clusters: int, p
     return save(fig, path)
 
 
+@_one_at_a_time
 def contingency_heatmap(table: np.ndarray, class_names: Sequence[str],
                         cluster_names: Sequence[str], path: Path, title: str) -> Path:
     """Counts of each class (rows) in each cluster (columns), annotated."""
@@ -130,6 +152,7 @@ def contingency_heatmap(table: np.ndarray, class_names: Sequence[str],
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
+@_one_at_a_time
 def scatter_by_group(xy: np.ndarray, groups: np.ndarray, names: Sequence[str], path: Path,
                      title: str) -> Path:
     """2-D scatter coloured (tab10) and shaped by group, with a legend by name.
@@ -165,6 +188,7 @@ def scatter_by_group(xy: np.ndarray, groups: np.ndarray, names: Sequence[str], p
     return save(fig, path)
 
 
+@_one_at_a_time
 def method_comparison(methods: Sequence[str], scores: dict[str, Sequence[float]], path: Path,
                       title: str) -> Path:
     """Grouped bars: one group per score (silhouette, ACC, NMI, ARI), one bar per method."""
@@ -184,4 +208,50 @@ def method_comparison(methods: Sequence[str], scores: dict[str, Sequence[float]]
     ax.legend(fontsize=8, ncols=min(len(methods), 6), loc="upper center",
               bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.axhline(0, color="black", linewidth=0.5)
+    return save(fig, path)
+
+
+@_one_at_a_time
+def timeline(names: Sequence[str], starts: Sequence[float], ends: Sequence[float],
+             done: Sequence[bool], path: Path, title: str,
+             workers: dict[str, list[tuple[str, float, float]]] | None = None) -> Path:
+    """The run over time: one bar per stage from its start to its end, and below it, given
+    ``workers`` (``{worker: [(stage, start, end), ...]}``), one row per worker with the
+    intervals it computed each stage's tasks, coloured by stage. Times are seconds since
+    the run began.
+
+    Stages that did not finish (``done`` false) are hatched, so the picture also reads in
+    grey.
+    """
+    workers = workers or {}
+    colours = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    heights = [0.32 * len(names) + 0.9] + ([0.4 * len(workers) + 0.9] if workers else [])
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, sum(heights) + 0.6), sharex=True,
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
+    ax = axes[0, 0]
+    rows = np.arange(len(names))
+    widths = np.maximum(np.subtract(ends, starts), 0)
+    bars = ax.barh(rows, widths, left=starts, height=0.6, edgecolor="white",
+                   color=[colours[n] if workers else "#0b4f8a" for n in names])
+    for bar, ok in zip(bars, done, strict=True):
+        if not ok:
+            bar.set(color="#8a1f11", hatch="//")
+    for row, end, width in zip(rows, ends, widths, strict=True):
+        ax.text(end, row, f" {width:.1f} s", va="center", fontsize=7)
+    ax.set_yticks(rows, names, fontsize=8)
+    ax.invert_yaxis()  # the first stage on top, as in the table
+    ax.set_xlim(0, max(ends, default=1) * 1.12 or 1)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    if workers:
+        wax = axes[1, 0]
+        for row, spans in enumerate(workers.values()):
+            wax.broken_barh([(a, b - a) for _, a, b in spans], (row - 0.3, 0.6),
+                            facecolors=[colours.get(stage, "grey") for stage, _, _ in spans])
+        wax.set_yticks(range(len(workers)), list(workers), fontsize=8)
+        wax.set_ylim(len(workers) - 0.5, -0.5)
+        wax.set_title("when each worker computed each stage's tasks (same colours)",
+                      fontsize=9)
+        wax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("seconds since the run started")
     return save(fig, path)

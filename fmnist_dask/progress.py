@@ -9,7 +9,9 @@ and shows one line on the terminal::
 
 Without a terminal (CI logs, pipes) or under ``--quiet`` there is no such line; under
 ``--verbose`` the counts are logged every 10 s instead. Each stage's task count goes to the
-manifest. :func:`performance_report` saves Dask's HTML performance report of the stages.
+manifest, and so do the intervals in which each worker computed the stage's tasks (the
+report's timeline draws them per worker). :func:`performance_report` saves Dask's HTML
+performance report of the stages.
 """
 
 from __future__ import annotations
@@ -32,16 +34,25 @@ PERFORMANCE_REPORT = "performance-report.html"
 DONE_STATES = ("memory", "released", "forgotten", "erred")
 
 
-#: Name of the scheduler plugin, and of the request it answers.
+#: Name of the scheduler plugin, and of the requests it answers.
 PLUGIN_NAME = "fmnist-dask-progress"
 HANDLER = "fmnist_dask_span_states"
+BUSY_HANDLER = "fmnist_dask_span_busy"
+#: A worker's compute intervals closer than this (s) are kept as one: the timeline shows
+#: when a worker was busy with a stage, not every task.
+BUSY_GAP = 0.05
+#: At most this many intervals per worker and stage in the manifest (closest ones merged).
+MAX_INTERVALS = 100
 
 
 def _progress_plugin() -> Any:
-    """A scheduler plugin that answers ``fmnist_dask_span_states(span_id)`` requests.
+    """A scheduler plugin that answers ``fmnist_dask_span_states(span_id)`` and
+    ``fmnist_dask_span_busy(span_id)`` requests.
 
-    The answer is ``{task state: count}`` of the span's tasks: ``{}`` while none of them has
-    reached the scheduler, None when the scheduler keeps no spans. A request handler, unlike
+    The first answer is ``{task state: count}`` of the span's tasks: ``{}`` while none of them
+    has reached the scheduler, None when the scheduler keeps no spans. The second is
+    ``{worker: [[start, stop], ...]}``, the (epoch) intervals in which each worker computed
+    the span's tasks, forgotten once asked for. A request handler, unlike
     ``Client.run_on_scheduler``, ships no code per question and leaves no line in the
     scheduler's log. The class is local so that it travels by value: the scheduler need not
     have this package installed.
@@ -54,7 +65,30 @@ def _progress_plugin() -> Any:
 
         async def start(self, scheduler: Any) -> None:
             self.scheduler = scheduler
+            self.busy: dict[str, dict[str, list[list[float]]]] = {}
             scheduler.handlers[HANDLER] = self.span_states
+            scheduler.handlers[BUSY_HANDLER] = self.span_busy
+
+        def transition(self, key: Any, start: str, finish: str, *args: Any,
+                       **kwargs: Any) -> None:
+            if start != "processing" or finish not in ("memory", "erred"):
+                return
+            task = self.scheduler.tasks.get(key)
+            span_id = getattr(getattr(task, "group", None), "span_id", None)
+            worker = kwargs.get("worker")
+            if span_id is None or worker is None:
+                return
+            intervals = self.busy.setdefault(span_id, {}).setdefault(worker, [])
+            for step in kwargs.get("startstops", ()):
+                if step.get("action") != "compute":
+                    continue
+                if intervals and step["start"] <= intervals[-1][1] + BUSY_GAP:
+                    intervals[-1][1] = max(intervals[-1][1], step["stop"])
+                else:
+                    intervals.append([step["start"], step["stop"]])
+
+        def span_busy(self, span_id: str) -> dict[str, list[list[float]]]:
+            return self.busy.pop(span_id, {})
 
         def span_states(self, span_id: str) -> dict[str, int] | None:
             extension = self.scheduler.extensions.get("spans")
@@ -87,11 +121,16 @@ class StageProgress:
         Seconds between two questions to the scheduler.
     log_every : float
         Seconds between two DEBUG log lines with the counts (seen under ``--verbose``).
+    origin : float or None
+        Epoch time (``time.time()``) the run started: each stage record gets ``workers``,
+        ``{worker: [[start, end], ...]}`` in seconds since then, when each worker computed
+        the stage's tasks. None: no such record.
     """
 
     def __init__(self, client: Any, display: bool = True, interval: float = 0.5,
-                 log_every: float = 10.0) -> None:
+                 log_every: float = 10.0, origin: float | None = None) -> None:
         self.client = client
+        self.origin = origin
         self.display = display
         self.interval = interval
         self.log_every = log_every
@@ -151,6 +190,23 @@ class StageProgress:
                 record["tasks"] = summarise(states)["done"]
                 logger.debug("task states at the end: %s", ", ".join(
                     f"{state} {n}" for state, n in sorted(states.items()) if n) or "no tasks")
+            if self.origin is not None and states:
+                busy = self.busy(span_id)
+                if busy:
+                    record["workers"] = {
+                        worker: [[round(a - self.origin, 2), round(b - self.origin, 2)]
+                                 for a, b in _coarsen(intervals, MAX_INTERVALS)]
+                        for worker, intervals in sorted(busy.items())}
+
+    def busy(self, span_id: str, timeout: float = 10.0) -> dict[str, list[list[float]]]:
+        """``{worker: [[start, stop], ...]}`` (epoch seconds) of a span's computing, or {}."""
+        try:
+            request = getattr(self.client.scheduler, BUSY_HANDLER)
+            return self.client.sync(request, span_id=span_id, callback_timeout=timeout) or {}
+        except Exception as exc:  # informative only, like the counts
+            logger.debug("no worker intervals from the scheduler: %s: %s",
+                         type(exc).__name__, exc)
+            return {}
 
     def _watch(self, name: str, span_id: str, start: float, stop: threading.Event,
                screen: logs.TerminalHandler | None) -> None:
@@ -173,6 +229,28 @@ class StageProgress:
                 logger.debug("progress: %s", text.split("] ", 1)[1])
 
 
+def _coarsen(intervals: list[list[float]], limit: int) -> list[list[float]]:
+    """Sorted, overlapping ones joined, and the closest neighbours merged until at most
+    ``limit`` remain."""
+    merged: list[list[float]] = []
+    for start, stop in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    while len(merged) > limit:
+        gaps = sorted(merged[i + 1][0] - merged[i][1] for i in range(len(merged) - 1))
+        widest_closed = gaps[len(merged) - limit - 1]
+        joined = [merged[0]]
+        for start, stop in merged[1:]:
+            if start - joined[-1][1] <= widest_closed:
+                joined[-1][1] = max(joined[-1][1], stop)
+            else:
+                joined.append([start, stop])
+        merged = joined
+    return merged
+
+
 @contextlib.contextmanager
 def watch(run: Any, client: Any, display: bool = True) -> Iterator[None]:
     """Watch a run's stages: progress per stage, and the performance report of them all.
@@ -186,7 +264,7 @@ def watch(run: Any, client: Any, display: bool = True) -> Iterator[None]:
     display : bool
         Draw the progress line on a terminal.
     """
-    hook = StageProgress(client, display=display)
+    hook = StageProgress(client, display=display, origin=getattr(run, "started_epoch", None))
     run.stage_hooks.append(hook)
     try:
         with performance_report(run.dir / PERFORMANCE_REPORT, client, run.manifest):

@@ -14,6 +14,7 @@ import logging
 import platform
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -55,28 +56,41 @@ class Run:
 
     ``stage_hooks`` are entered around every stage, inside its timing (e.g.
     :class:`fmnist_dask.progress.StageProgress`); they may add details to the stage record.
+    Stages may run at the same time in threads of their own: manifest writes are serialised,
+    and each write serialises a copy of the manifest taken at once, so a stage adding to its
+    record while another stage writes the manifest is safe.
     """
 
     final_dir: Path
     dir: Path
     manifest: dict[str, Any] = field(default_factory=dict)
     stage_hooks: list[StageHook] = field(default_factory=list)
+    #: ``time.perf_counter()`` when the run started: stage start and end times count from it.
+    started: float = field(default_factory=time.perf_counter)
+    #: ``time.time()`` at the same moment: Dask's task times are epoch times.
+    started_epoch: float = field(default_factory=time.time)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _closed: bool = field(default=False, repr=False)
 
     @contextmanager
     def stage(self, name: str, log: Callable[[str], Any] | None = None
               ) -> Iterator[dict[str, Any]]:
-        """Time a stage; its status, wall time and details go to ``manifest["stages"][name]``.
+        """Time a stage; its status, times and details go to ``manifest["stages"][name]``.
 
         The manifest is written when the stage starts (``status: running``) and when it ends
-        (``done``, ``failed`` or ``interrupted``). Log lines within are tagged with ``name``.
+        (``done``, ``failed`` or ``interrupted``). The record keeps ``start`` and ``end``
+        (seconds since the run started) and ``seconds`` (wall time). Log lines the calling
+        thread writes within are tagged with ``name``.
         """
         log = log or logger.info
-        record: dict[str, Any] = {"status": "running"}
-        self.manifest.setdefault("stages", {})[name] = record
+        start = time.perf_counter()
+        record: dict[str, Any] = {"status": "running",
+                                  "start": round(start - self.started, 3)}
+        with self._lock:
+            self.manifest.setdefault("stages", {})[name] = record
         with stage_label(name):
             self.write_manifest()
             log("started")
-            start = time.perf_counter()
             try:
                 with ExitStack() as hooks:
                     for hook in self.stage_hooks:
@@ -87,20 +101,44 @@ class Run:
                                     else "failed")
                 raise
             finally:
-                record["seconds"] = round(time.perf_counter() - start, 3)
+                end = time.perf_counter()
+                record.update(end=round(end - self.started, 3), seconds=round(end - start, 3))
                 self.write_manifest()
             record["status"] = "done"
             self.write_manifest()
             tasks = f", {record['tasks']} tasks" if "tasks" in record else ""
             log(f"done in {record['seconds']:.1f} s{tasks}")
 
-    def write_manifest(self) -> Path:
-        """Write ``manifest.json`` atomically (temporary file then rename)."""
+    def write_manifest(self, final: bool = False) -> Path:
+        """Write ``manifest.json`` atomically (temporary file then rename).
+
+        After the ``final`` write (the run's end) nothing more is written: a stage thread
+        still unwinding after another stage failed cannot touch a directory that has been
+        renamed or removed.
+        """
         path = self.dir / MANIFEST
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=2, default=str) + "\n")
-        tmp.replace(path)
+        with self._lock:
+            if self._closed:
+                return path
+            self._closed = final
+            text = json.dumps(_snapshot(self.manifest), indent=2, default=str)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(text + "\n")
+            tmp.replace(path)
         return path
+
+
+def _snapshot(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the manifest's top level and stage records, each taken in one step.
+
+    ``dict(d)`` copies without running Python code, so no other thread changes ``d`` midway;
+    serialising the copy cannot see a record grow. (Nested values are replaced whole by the
+    stages, never changed in place.)
+    """
+    copy = dict(manifest)
+    if "stages" in copy:
+        copy["stages"] = {name: dict(record) for name, record in dict(copy["stages"]).items()}
+    return copy
 
 
 @contextmanager
@@ -118,7 +156,7 @@ def open_run(output_dir: Path, run_name: str, manifest: dict[str, Any]) -> Itera
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     run = Run(final_dir=final_dir, dir=tmp_dir, manifest=manifest)
-    started = time.perf_counter()
+    started = run.started
     manifest.update(
         run_name=run_name,
         status="running",
@@ -131,13 +169,13 @@ def open_run(output_dir: Path, run_name: str, manifest: dict[str, Any]) -> Itera
         yield run
     except KeyboardInterrupt:
         manifest.update(status="interrupted", seconds=round(time.perf_counter() - started, 3))
-        run.write_manifest()
+        run.write_manifest(final=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     except BaseException as error:
         manifest.update(status="failed", error=f"{type(error).__name__}: {error}",
                         seconds=round(time.perf_counter() - started, 3))
-        run.write_manifest()
+        run.write_manifest(final=True)
         failed = output_dir / f"{run_name}.failed"
         if failed.exists():
             shutil.rmtree(failed)
@@ -145,6 +183,6 @@ def open_run(output_dir: Path, run_name: str, manifest: dict[str, Any]) -> Itera
         raise
     manifest.update(status="succeeded", seconds=round(time.perf_counter() - started, 3),
                     finished_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    run.write_manifest()
+    run.write_manifest(final=True)
     tmp_dir.rename(final_dir)
     run.dir = final_dir

@@ -222,6 +222,11 @@ def test_job_spec_errors_name_the_key(tmp_path):
     job.write_text("eda:\n  histogram_bins: many\n")
     result = cli("run", str(job))
     assert result.returncode == 2 and "eda.histogram_bins" in result.stderr
+    job.write_text("reduce:\n  enabled: false\n")  # the default GMM, spectral, t-SNE need it
+    result = cli("run", str(job))
+    assert result.returncode == 2
+    assert ("gmm.enabled, spectral.enabled, tsne.enabled need reduce.enabled, which is false"
+            in result.stderr)
     result = cli("run", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2 and "missing.yaml: job spec not found" in result.stderr
 

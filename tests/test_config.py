@@ -41,6 +41,18 @@ def test_bad_keys_and_types_are_named(raw, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize("section", ["gmm", "spectral", "manifold", "tsne"])
+def test_a_method_whose_prerequisite_is_off_is_refused_naming_both_keys(section):
+    # These work on a sample of the PCA projection: with the PCA off they cannot run, and
+    # the spec says so instead of the job skipping them silently.
+    others = {s: {"enabled": s == section} for s in ("gmm", "spectral", "manifold", "tsne")}
+    with pytest.raises(SpecError) as error:
+        parse_job_spec({"reduce": {"enabled": False}, **others}, "job.yaml")
+    assert f"{section}.enabled needs reduce.enabled, which is false" in str(error.value)
+    off = {s: {"enabled": False} for s in others}
+    assert not parse_job_spec({"reduce": {"enabled": False}, **off}).reduce.enabled
+
+
 def test_command_line_overrides_reach_nested_keys(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("data:\n  dir: somewhere\nseed: 1\n")

@@ -84,7 +84,9 @@ def test_the_job_writes_a_report_that_loads_cleanly_in_chromium(runs, chromium):
     pngs = sorted(str(p.relative_to(run)) for p in run.rglob("*.png")
                   if p.name != screenshot.name)
     assert sorted(facts["images"]) == pngs  # every figure of the run, none twice
-    assert len(pngs) >= 21  # 3 data, 2 PCA, 10 cluster, 5 t-SNE, 1 comparison
+    # 3 data, 2 PCA, 10 cluster, 5 t-SNE, 1 comparison, and timeline.png (added with the
+    # graph of stages: the stages as bars over time)
+    assert len(pngs) >= 22
     assert facts["notDecoded"] == [] and facts["withoutAlt"] == []
     assert facts["outsidePage"] == 0  # embedded: the file stands alone
     assert facts["thWithoutScope"] == 0
@@ -131,7 +133,8 @@ def test_report_command_regenerates_the_page_from_the_run_directory(runs, chromi
     assert result.stdout.strip() == str(run / "report.html")
     page = load_page(run / "report.html", PAGE_FACTS)
     assert page.errors == []
-    assert page.result["notDecoded"] == [] and len(page.result["images"]) == 21
+    # 21 figures of the run and timeline.png (added with the graph of stages), redrawn here
+    assert page.result["notDecoded"] == [] and len(page.result["images"]) == 22
     metrics = pd.read_parquet(run / "metrics.parquet").set_index("method")
     assert [r[1] for r in page.result["comparison"]] == list(
         metrics["ari"].sort_values(ascending=False).index)

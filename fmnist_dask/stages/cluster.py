@@ -44,9 +44,6 @@ class ClusterResult:
         Wall time of fitting and labelling every row.
     scores : dict
         Method-specific scores (``inertia``, ``log_likelihood``, ``bic``, ...).
-    cluster_names : list of str or None
-        Display names of the clusters (``"3 ~ Coat"``: the class each one is matched to),
-        set by the evaluate stage so that every figure names clusters alike.
     """
 
     method: str
@@ -55,7 +52,6 @@ class ClusterResult:
     features: str
     fit_seconds: float
     scores: dict[str, Any] = field(default_factory=dict)
-    cluster_names: list[str] | None = None
 
 
 def kmeans(X: da.Array, spec: KMeansSpec, seed: int, method: str, features: str

@@ -53,8 +53,18 @@ def _sample_images(pixels: da.Array, labels: da.Array, n_clusters: int, per_clus
 
 
 def score(result: ClusterResult, features: da.Array, data: CleanData, spec: ScoreSpec,
-          out_dir: Path, seed: int) -> dict[str, Any]:
-    """Scores of one method (a metrics row), plus its PNGs in ``clusters/``."""
+          out_dir: Path, seed: int) -> tuple[dict[str, Any], list[str]]:
+    """Scores of one method, plus its PNGs in ``clusters/``.
+
+    Returns
+    -------
+    dict
+        The method's metrics row.
+    list of str
+        Display names of its clusters (``"3 ~ Coat"``: the class each one is matched to),
+        for every later figure that names them. Returned, not stored on ``result``: the
+        methods are scored at the same time, and no stage changes another's output.
+    """
     start = time.perf_counter()
     row: dict[str, Any] = {"method": result.method, "features": result.features,
                            "n_clusters": result.n_clusters, **result.scores}
@@ -77,7 +87,6 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
         plots.contingency_heatmap(table, LABEL_NAMES, names,
                                   cluster_dir / f"{result.method}_contingency.png",
                                   f"{result.method}: classes in each cluster")
-    result.cluster_names = names
     images, labels = _sample_images(data.pixels, result.labels, result.n_clusters,
                                      spec.images_per_cluster, seed)
     plots.cluster_samples(images, labels, result.n_clusters, spec.images_per_cluster,
@@ -85,7 +94,7 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
                           f"{result.method}: {spec.images_per_cluster} random images per cluster",
                           names)
     row.update(fit_seconds=result.fit_seconds, score_seconds=time.perf_counter() - start)
-    return row
+    return row, names
 
 
 def write_assignments(results: list[ClusterResult], data: CleanData, out_dir: Path) -> int:
@@ -96,23 +105,26 @@ def write_assignments(results: list[ClusterResult], data: CleanData, out_dir: Pa
 
 
 def write_metrics(rows: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
-    """``metrics.parquet``: one row per method, in the order the methods ran."""
+    """``metrics.parquet``: one row per method, in the order of ``rows``."""
     frame = pd.DataFrame(rows)
     frame.to_parquet(out_dir / METRICS_FILE, index=False)
     return frame
 
 
 def tsne_figures(coordinates: np.ndarray, indices: np.ndarray, results: list[ClusterResult],
-                 data: CleanData, out_dir: Path) -> list[Path]:
-    """t-SNE maps of the sample coloured by each method's clusters and by the true class."""
+                 names: dict[str, list[str]], data: CleanData, out_dir: Path) -> list[Path]:
+    """t-SNE maps of the sample coloured by each method's clusters and by the true class.
+
+    ``names`` maps a method to its clusters' display names (from :func:`score`).
+    """
     embed_dir = out_dir / "tsne"  # PNGs apart from embedding/, a parquet dataset
     labels = dask.compute(*[take_rows(r.labels, indices) for r in results],
                           take_rows(data.label, indices))
     paths = []
     for result, clusters in zip(results, labels[:-1], strict=True):
-        names = result.cluster_names or [f"cluster {k}" for k in range(result.n_clusters)]
+        shown = names.get(result.method) or [f"cluster {k}" for k in range(result.n_clusters)]
         paths.append(plots.scatter_by_group(
-            coordinates, clusters, names, embed_dir / f"tsne_{result.method}.png",
+            coordinates, clusters, shown, embed_dir / f"tsne_{result.method}.png",
             f"t-SNE of {len(indices):,} rows coloured by {result.method} clusters"))
     truth = labels[-1]
     if (truth >= 0).any():

@@ -30,6 +30,7 @@ PERFORMANCE_REPORT = "performance-report.html"
 RUN_LOG = "run.log"
 MANIFEST = "manifest.json"
 METRICS = "metrics.parquet"
+TIMELINE = "timeline.png"
 
 #: Scores a ranking can use: (short name, what it measures). All are "higher is better".
 SCORES: dict[str, tuple[str, str]] = {
@@ -67,7 +68,8 @@ STAGE_TEXT = {
     "sample": "draw the sample for the sample-based models", "gmm": "Gaussian mixture",
     "spectral": "spectral clustering", "manifold_gmm": "UMAP manifold + Gaussian mixture",
     "tsne": "t-SNE map of the sample",
-    "evaluate": "scores, assignments, figures", "report": "this page",
+    **{f"score_{m}": f"silhouette, scores and figures of {m}" for m in METHOD_TEXT},
+    "evaluate": "metrics table, assignments, t-SNE figures", "report": "this page",
 }
 
 CSS = """
@@ -501,6 +503,12 @@ def _time_section(manifest: dict[str, Any], run_dir: Path) -> str:
     parts = [table(["stage", "what", "status", "seconds", "share", "bar"], rows,
                    caption="Wall time per stage", text_columns=(0, 1, 2, 5),
                    row_classes=[""] * (len(rows) - 1) + ["best"])]
+    if (run_dir / TIMELINE).is_file():
+        parts.append(
+            "<p>Stages run as soon as what they need exists, several at a time: the shares "
+            "above add up to more than the run's wall time when they overlapped.</p>"
+            + figure(run_dir, TIMELINE, "Timeline of the run: one bar per stage, from its "
+                     "start to its end", "When each stage ran."))
     if manifest.get("seconds"):
         parts.append(f"<p class=note>The whole run took {manifest['seconds']:,.1f} s, "
                      "including starting the cluster and writing the run directory.</p>")
@@ -576,8 +584,35 @@ def render_report(run_dir: Path, sort_by: str = DEFAULT_SORT) -> str:
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
 
 
+def write_timeline(run_dir: Path) -> Path | None:
+    """Draw ``timeline.png`` from ``manifest.json``: the stages as bars over time and, when
+    the stage records have them (``workers``), when each worker computed which stage.
+
+    Returns None, drawing nothing, when no stage has both a start and an end (a run made
+    before stages recorded them). A stage still running (the report stage itself, while the
+    job writes the report) is left out.
+    """
+    manifest, _ = read_run(run_dir)
+    timed = [(name, stage) for name, stage in manifest.get("stages", {}).items()
+             if stage.get("start") is not None and stage.get("end") is not None]
+    if not timed:
+        return None
+    from fmnist_dask import plots  # matplotlib only when there is something to draw
+
+    workers: dict[str, list[tuple[str, float, float]]] = {}
+    for name, stage in timed:
+        for worker, intervals in (stage.get("workers") or {}).items():
+            workers.setdefault(worker, []).extend((name, a, b) for a, b in intervals)
+    return plots.timeline([n for n, _ in timed], [s["start"] for _, s in timed],
+                          [s["end"] for _, s in timed],
+                          [s.get("status") == "done" for _, s in timed], run_dir / TIMELINE,
+                          f"Run {manifest.get('run_name', run_dir.name)}: stages over time",
+                          workers={w.split("://")[-1]: workers[w] for w in sorted(workers)})
+
+
 def write_report(run_dir: Path, sort_by: str = DEFAULT_SORT) -> Path:
-    """Write ``run_dir/report.html`` from the run directory's files alone.
+    """Write ``run_dir/report.html`` (and its ``timeline.png``) from the run directory's
+    files alone.
 
     Parameters
     ----------
@@ -594,6 +629,7 @@ def write_report(run_dir: Path, sort_by: str = DEFAULT_SORT) -> Path:
         sees half a page.
     """
     run_dir = Path(run_dir)
+    write_timeline(run_dir)
     page = render_report(run_dir, sort_by)
     path = run_dir / REPORT_FILE
     tmp = path.with_suffix(".html.tmp")

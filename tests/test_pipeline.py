@@ -1,0 +1,142 @@
+"""The orchestrator: the table of stages, run as a graph.
+
+The graph runner is checked with stand-in stages (do independent stages run at the same
+time, does the first failure stop the run); the whole job twice on the session cluster, to
+show that which stage finishes first changes no number.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from fmnist_dask.config import parse_job_spec
+from fmnist_dask.pipeline import STAGES, JobState, Stage, enabled_stages, run_stages
+from fmnist_dask.rundir import open_run
+from tests.conftest import N_TEST, N_TRAIN, cli, write_job
+
+
+def test_every_need_names_a_stage_of_the_table_that_comes_before_it():
+    names = [s.name for s in STAGES]
+    for index, stage in enumerate(STAGES):
+        assert stage.needs == ("*",) or set(stage.needs) <= set(names[:index]), stage.name
+
+
+def test_the_spec_chooses_the_stages_and_needs_on_stages_that_do_not_run_are_dropped():
+    graph = enabled_stages(parse_job_spec({}))
+    assert "augment" not in graph and "manifold_gmm" not in graph
+    assert graph["load"].needs == ()  # augment is off: nothing to wait for
+    assert graph["gmm"].needs == ("sample",)
+    assert graph["kmeans_raw"].needs == ("clean",) and graph["reduce"].needs == ("clean",)
+    assert set(graph["report"].needs) == set(graph) - {"report"}
+    off = {"enabled": False}
+    graph = enabled_stages(parse_job_spec({"reduce": off, "gmm": off, "spectral": off,
+                                           "tsne": off}))
+    assert list(graph) == ["load", "clean", "eda", "kmeans_raw", "score_kmeans_raw",
+                           "evaluate", "report"]
+
+
+def _job(run) -> JobState:
+    return JobState(spec=parse_job_spec({}), run=run, session=None)
+
+
+def test_independent_stages_run_at_the_same_time_each_once_its_needs_are_done(tmp_path):
+    both = threading.Barrier(2, timeout=10)  # passes only if b and c run at once
+
+    def meet(job):
+        both.wait()
+        return threading.current_thread().name, {}
+
+    stages = {
+        "a": Stage("a", lambda job: (1, {"value": 1})),
+        "b": Stage("b", meet, needs=("a",)),
+        "c": Stage("c", meet, needs=("a",)),
+        "d": Stage("d", lambda job: (job.outputs["b"] != job.outputs["c"], {}),
+                   needs=("b", "c")),
+    }
+    manifest: dict = {}
+    with open_run(tmp_path, "graph", manifest) as run:
+        job = _job(run)
+        run_stages(job, stages)
+    assert job.outputs["a"] == 1 and job.outputs["d"] is True  # b and c: two threads
+    records = manifest["stages"]
+    assert records["a"]["value"] == 1 and all(r["status"] == "done" for r in records.values())
+    assert records["b"]["start"] >= records["a"]["end"]
+    assert records["d"]["start"] >= max(records["b"]["end"], records["c"]["end"])
+    for record in records.values():
+        assert record["end"] - record["start"] == pytest.approx(record["seconds"], abs=2e-3)
+    written = json.loads((tmp_path / "graph" / "manifest.json").read_text())
+    assert written["stages"] == records
+
+
+def test_the_first_failing_stage_stops_the_run_with_its_own_error(tmp_path):
+    started = []
+
+    def fail(job):
+        raise ValueError("bad rows")
+
+    def slow(job):
+        time.sleep(0.5)
+        return None, {}
+
+    stages = {
+        "fails": Stage("fails", fail),
+        "slow": Stage("slow", slow),
+        "after": Stage("after", lambda job: started.append("after") or (None, {}),
+                       needs=("fails",)),
+    }
+    manifest: dict = {}
+    with pytest.raises(ValueError, match="bad rows"), open_run(tmp_path, "f", manifest) as run:
+        run_stages(_job(run), stages)
+    assert started == []
+    written = json.loads((tmp_path / "f.failed" / "manifest.json").read_text())
+    assert written["status"] == "failed" and written["error"] == "ValueError: bad rows"
+    assert written["stages"]["fails"]["status"] == "failed" and "after" not in written["stages"]
+    time.sleep(0.7)  # the slow stage ends after the run did: it writes nothing any more
+    assert json.loads((tmp_path / "f.failed" / "manifest.json").read_text()) == written
+    assert sorted(p.name for p in (tmp_path / "f.failed").iterdir()) == ["manifest.json"]
+
+
+def _results(run_dir):
+    assignments = pd.read_parquet(run_dir / "assignments").sort_values("row_id")
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    metrics = metrics.drop(columns=[c for c in metrics.columns if c.endswith("_seconds")])
+    return assignments.reset_index(drop=True), metrics
+
+
+def test_two_runs_of_one_job_agree_exactly_whichever_stage_finishes_first(
+        tmp_path, subset_csv, dask_client):
+    # Every method and its scores run at the same time as the others: the finishing order
+    # differs between runs, the numbers must not.
+    job = write_job(tmp_path / "twice.yaml", name="twice", seed=5,
+                    eda={"enabled": False}, kmeans={"max_iter": 30},
+                    tsne={"enabled": False}, sample={"size": 600},
+                    scores={"silhouette": "exact", "images_per_cluster": 2})
+    runs = []
+    for name in ("first", "second"):
+        result = cli("run", str(job), "--data", str(subset_csv), "--out", str(tmp_path / "out"),
+                     "--run-name", name, "--scheduler", dask_client.scheduler.address)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(tmp_path / "out" / name)
+    (first, first_metrics), (second, second_metrics) = map(_results, runs)
+    assert len(first) == N_TRAIN + N_TEST
+    assert list(first_metrics["method"]) == ["kmeans_raw", "kmeans_pca", "gmm", "spectral"]
+    pd.testing.assert_frame_equal(first, second, check_exact=True)
+    pd.testing.assert_frame_equal(first_metrics, second_metrics, check_exact=True)
+    manifest = json.loads((runs[0] / "manifest.json").read_text())
+    stages = manifest["stages"]
+    # The sample-based models overlapped: each started before the other ended.
+    assert stages["gmm"]["start"] < stages["spectral"]["end"]
+    assert stages["spectral"]["start"] < stages["gmm"]["end"]
+    # When each worker computed each stage's tasks (the report's timeline draws it): within
+    # the stage's own time, give or take the workers' clocks.
+    for name in ("kmeans_raw", "gmm"):
+        busy = stages[name]["workers"]
+        assert busy and set(busy) <= {w["address"] for w in manifest["cluster"]["workers"]}
+        for intervals in busy.values():
+            for start, end in intervals:
+                assert stages[name]["start"] - 0.5 <= start <= end <= stages[name]["end"] + 0.5
