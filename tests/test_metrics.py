@@ -144,3 +144,16 @@ def test_external_scores_degenerate_cases(y, pred):
 def test_contingency_rejects_out_of_range():
     with pytest.raises(ValueError, match="range"):
         metrics.contingency(np.array([0, 3]), np.array([0, 1]), 3, 2)
+
+
+def test_clusters_are_named_by_their_largest_class_and_its_share():
+    from fmnist_dask.stages.evaluate import content_cluster_names
+
+    # Cluster 0: 30 bags and 20 sandals (the matching pairs it with Shirt, which cluster 2
+    # holds more of); cluster 1: all trousers; cluster 2: 40 shirts, 10 bags; cluster 3 empty.
+    table = np.zeros((10, 4), dtype=np.int64)
+    table[8, 0], table[5, 0] = 30, 20  # Bag, Sandal
+    table[1, 1] = 25  # Trouser
+    table[6, 2], table[8, 2] = 40, 10  # Shirt, Bag
+    assert content_cluster_names(table) == ["0: Bag 60%", "1: Trouser 100%", "2: Shirt 80%",
+                                            "3"]

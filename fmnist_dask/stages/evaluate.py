@@ -14,7 +14,6 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-from scipy.optimize import linear_sum_assignment
 
 from fmnist_dask import plots
 from fmnist_dask.artefacts import write_aligned_parquet
@@ -31,12 +30,29 @@ METRICS_FILE = "metrics.parquet"
 IMAGE_POOL = 5_000
 
 
-def matched_cluster_names(table: np.ndarray) -> list[str]:
-    """Name each cluster by the class it is matched to (Hungarian), for figures."""
-    rows, cols = linear_sum_assignment(-table)
-    names = [f"{k}" for k in range(table.shape[1])]
-    for c, k in zip(rows, cols, strict=True):
-        names[k] = f"{k} ~ {LABEL_NAMES[c]}" if c < len(LABEL_NAMES) else f"{k}"
+def content_cluster_names(table: np.ndarray) -> list[str]:
+    """Name each cluster by what it holds: its largest class and that class's share.
+
+    Parameters
+    ----------
+    table : numpy.ndarray of shape (n_classes, n_clusters)
+        Rows of each class in each cluster.
+
+    Returns
+    -------
+    list of str
+        ``"6: Bag 41%"`` per cluster (``"6"`` for an empty one). A cluster of bags and
+        sandals is titled by the bags, not by the class the one-to-one matching behind ACC
+        happens to pair it with.
+    """
+    names = []
+    for k in range(table.shape[1]):
+        size = table[:, k].sum()
+        if size == 0:
+            names.append(f"{k}")
+            continue
+        largest = int(np.argmax(table[:, k]))
+        names.append(f"{k}: {LABEL_NAMES[largest]} {table[largest, k] / size:.0%}")
     return names
 
 
@@ -61,9 +77,10 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
     dict
         The method's metrics row.
     list of str
-        Display names of its clusters (``"3 ~ Coat"``: the class each one is matched to),
-        for every later figure that names them. Returned, not stored on ``result``: the
-        methods are scored at the same time, and no stage changes another's output.
+        Display names of its clusters (``"3: Coat 62%"``: its largest class and that
+        class's share), for every later figure that names them. Returned, not stored on
+        ``result``: the methods are scored at the same time, and no stage changes another's
+        output.
     """
     start = time.perf_counter()
     row: dict[str, Any] = {"method": result.method, "features": result.features,
@@ -83,7 +100,7 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
     names = [str(k) for k in range(result.n_clusters)]
     if table.sum() > 0:
         row.update(external_scores(table))
-        names = matched_cluster_names(table)
+        names = content_cluster_names(table)
         plots.contingency_heatmap(table, LABEL_NAMES, names,
                                   cluster_dir / f"{result.method}_contingency.png",
                                   f"{result.method}: classes in each cluster")

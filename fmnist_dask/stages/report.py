@@ -418,8 +418,8 @@ def _methods_section(metrics: pd.DataFrame, run_dir: Path) -> str:
         return _section("methods", "3. Clustering methods",
                         '<p class="missing">No clustering method was scored.</p>')
     parts = ["<p>Each method is fitted without labels. The true classes are read only "
-             "afterwards, to score the clusters (ACC, NMI, ARI) and to name each cluster by the "
-             "class it is matched to.</p>"]
+             "afterwards, to score the clusters (ACC, NMI, ARI) and to name each cluster by its "
+             "largest class and that class's share.</p>"]
     for _, row in metrics.iterrows():
         method = str(row["method"])
         k = int(row["n_clusters"])
