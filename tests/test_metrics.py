@@ -149,8 +149,7 @@ def test_contingency_rejects_out_of_range():
 def test_clusters_are_named_by_their_largest_class_and_its_share():
     from fmnist_dask.stages.evaluate import content_cluster_names
 
-    # Cluster 0: 30 bags and 20 sandals (the matching pairs it with Shirt, which cluster 2
-    # holds more of); cluster 1: all trousers; cluster 2: 40 shirts, 10 bags; cluster 3 empty.
+    # Cluster 0: 30 bags and 20 sandals; 1: all trousers; 2: 40 shirts, 10 bags; 3: empty.
     table = np.zeros((10, 4), dtype=np.int64)
     table[8, 0], table[5, 0] = 30, 20  # Bag, Sandal
     table[1, 1] = 25  # Trouser
