@@ -392,3 +392,13 @@ def exact_sq_dists(xs: np.ndarray, centers: np.ndarray, labels: np.ndarray) -> n
     np.take(centers, labels, axis=0, out=diff)
     np.subtract(xs, diff, out=diff)
     return np.einsum("ij,ij->i", diff, diff)
+
+
+def one_block(x: da.Array) -> Any:
+    """``x`` as a single delayed block, to hand whole to a task on a worker."""
+    return x.rechunk({0: -1}).to_delayed().ravel()[0]
+
+
+def on_worker(func, *args, **kwargs):
+    """Run ``func`` on a worker (where the sample lives); return its small result."""
+    return dask.delayed(func, pure=False)(*args, **kwargs).compute()

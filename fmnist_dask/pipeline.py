@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmnist_dask import logs, progress
+from fmnist_dask import logs, progress, sampling
 from fmnist_dask.augment import augment
 from fmnist_dask.config import JobSpec
 from fmnist_dask.dask_cluster import ClusterSession, load_cluster_config, open_cluster
@@ -131,7 +131,7 @@ def _kmeans_pca(job: JobState) -> StageOutput:
 
 
 def _sample(job: JobState) -> StageOutput:
-    sample = cluster.draw_sample(job.features("pca"), job.spec.sample.size, job.spec.seed)
+    sample = sampling.draw_sample(job.features("pca"), job.spec.sample.size, job.spec.seed)
     return sample, {"sample_size": sample.size}
 
 

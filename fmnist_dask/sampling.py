@@ -11,6 +11,7 @@ labels), whatever its chunking.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
@@ -160,3 +161,29 @@ def _check_known_rows(X: da.Array) -> None:
         raise TypeError(f"expected a dask array, got {type(X).__name__}")
     if any(np.isnan(c) for c in X.chunks[0]):
         raise ValueError("row chunk sizes are unknown; call X.compute_chunk_sizes() first")
+
+
+@dataclass
+class Sample:
+    """The reduced sample: positions in the full data and the rows, kept on the workers.
+
+    Attributes
+    ----------
+    indices : ndarray, shape (n_sample,), int64
+        Sorted positions of the sampled rows.
+    rows : dask.array, shape (n_sample, n_features)
+        The sampled rows of the PCA projection, persisted on the workers.
+    """
+
+    indices: np.ndarray
+    rows: da.Array
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+def draw_sample(projected: da.Array, size: int | None, seed: int) -> Sample:
+    """A seeded uniform sample of the projected rows, taken block by block on the workers."""
+    indices, rows = uniform_row_sample(projected, size, seed)
+    return Sample(indices=indices, rows=rows.rechunk({0: -1}).persist())

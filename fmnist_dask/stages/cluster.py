@@ -7,51 +7,22 @@ Each method yields a :class:`ClusterResult`; the evaluate stage scores them all 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
 
 from fmnist_dask import plots
+from fmnist_dask._blocks import on_worker, one_block
 from fmnist_dask.config import GMMSpec, KMeansSpec, ManifoldSpec, SpectralSpec
 from fmnist_dask.models.extend import KNeighborsExtension
 from fmnist_dask.models.gmm import fit_gmm, gmm_summary, predict_blocks
 from fmnist_dask.models.kmeans import DaskKMeans
 from fmnist_dask.models.manifold import ManifoldClustering, ManifoldEnsemble, fit_on_workers
 from fmnist_dask.models.spectral import FastSpectralClustering
-from fmnist_dask.sampling import take_rows, uniform_row_sample
-
-
-@dataclass
-class ClusterResult:
-    """One clustering method's output.
-
-    Attributes
-    ----------
-    method : str
-        Name used in tables, file names and column names (``kmeans_raw``, ...).
-    labels : dask.array, shape (n_rows,), int32
-        Cluster of every row, chunked like the cleaned data.
-    n_clusters : int
-    features : str
-        The feature space the method saw, and where its silhouette is measured
-        (``pixels`` or ``pca``).
-    fit_seconds : float
-        Wall time of fitting and labelling every row.
-    scores : dict
-        Method-specific scores (``inertia``, ``log_likelihood``, ``bic``, ...).
-    """
-
-    method: str
-    labels: da.Array
-    n_clusters: int
-    features: str
-    fit_seconds: float
-    scores: dict[str, Any] = field(default_factory=dict)
+from fmnist_dask.results import ClusterResult
+from fmnist_dask.sampling import Sample, take_rows
 
 
 def kmeans(X: da.Array, spec: KMeansSpec, seed: int, method: str, features: str
@@ -88,42 +59,6 @@ def save_centroids(centers: np.ndarray, method: str, out_dir: Path,
     if images is not None:
         plots.image_grid(np.clip(images, 0, 1), [f"cluster {k}" for k in range(len(images))], 5,
                          cluster_dir / f"{method}_centroids.png", f"{method}: cluster centres")
-
-
-@dataclass
-class Sample:
-    """The reduced sample: positions in the full data and the rows, kept on the workers.
-
-    Attributes
-    ----------
-    indices : ndarray, shape (n_sample,), int64
-        Sorted positions of the sampled rows.
-    rows : dask.array, shape (n_sample, n_features)
-        The sampled rows of the PCA projection, persisted on the workers.
-    """
-
-    indices: np.ndarray
-    rows: da.Array
-
-    @property
-    def size(self) -> int:
-        return len(self.indices)
-
-
-def draw_sample(projected: da.Array, size: int | None, seed: int) -> Sample:
-    """A seeded uniform sample of the projected rows, taken block by block on the workers."""
-    indices, rows = uniform_row_sample(projected, size, seed)
-    return Sample(indices=indices, rows=rows.rechunk({0: -1}).persist())
-
-
-def one_block(x: da.Array) -> Any:
-    """``x`` as a single delayed block, to hand whole to a task on a worker."""
-    return x.rechunk({0: -1}).to_delayed().ravel()[0]
-
-
-def on_worker(func, *args, **kwargs):
-    """Run ``func`` on a worker (where the sample lives); return its small result."""
-    return dask.delayed(func, pure=False)(*args, **kwargs).compute()
 
 
 def gmm(projected: da.Array, sample: Sample, spec: GMMSpec, seed: int) -> ClusterResult:

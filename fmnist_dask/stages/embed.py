@@ -14,11 +14,11 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from fmnist_dask._blocks import on_worker, one_block
 from fmnist_dask.artefacts import write_aligned_parquet
 from fmnist_dask.config import TSNESpec
 from fmnist_dask.models.tsne import TSNEEmbedding, subsample_trustworthiness
-from fmnist_dask.sampling import take_rows
-from fmnist_dask.stages.cluster import Sample, on_worker, one_block
+from fmnist_dask.sampling import Sample, take_rows
 
 EMBEDDING_DIR = "embedding"
 

@@ -19,10 +19,10 @@ from fmnist_dask import plots
 from fmnist_dask.artefacts import write_aligned_parquet
 from fmnist_dask.config import ScoreSpec
 from fmnist_dask.metrics import contingency, external_scores, silhouette
+from fmnist_dask.results import ClusterResult
 from fmnist_dask.sampling import choose_sample_indices, take_rows
 from fmnist_dask.schema import LABEL_NAMES
 from fmnist_dask.stages.clean import CleanData
-from fmnist_dask.stages.cluster import ClusterResult
 
 ASSIGNMENTS_DIR = "assignments"
 METRICS_FILE = "metrics.parquet"
