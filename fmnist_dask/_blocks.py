@@ -159,9 +159,9 @@ def aligned_block(x: np.ndarray) -> np.ndarray:
     """``x``, or an aligned copy when its data is not aligned for its dtype.
 
     Blocks deserialised on a worker (e.g. ``da.from_array`` of a numpy array, sent inside
-    the graph) can start at odd addresses, and numpy then takes slow paths: a k-means fit
-    of bench_core's raw pixels took 10.5 s on such blocks against 2.5 s on aligned
-    copies (``np.take`` of rows dominated). Aligned blocks are returned as they are.
+    the graph) can start at odd addresses, and numpy then takes slow paths (row gathers
+    above all; docs/benchmarks.md has the k-means figures). Aligned blocks are returned
+    as they are.
     """
     return x if x.flags.aligned else x.copy()
 

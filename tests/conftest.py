@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: the real Fashion-MNIST files from the mirror beside the project,
-one real LocalCluster, the command line run in-process or as a process, and the job runs that
-several test modules read (the default job once, the operations reference once).
+one real LocalCluster, the command line run in-process, job processes watched while they run,
+and the job runs that several test modules read (the default job once, the operations
+reference once).
 
 Test modules import helpers from here, never from each other.
 """
@@ -192,12 +193,6 @@ def cli(*args: str) -> CliResult:
     finally:
         os.chdir(cwd)
     return CliResult(code, out.getvalue(), err.getvalue())
-
-
-def cli_process(*args: str, timeout: float = 840) -> subprocess.CompletedProcess:
-    """``fmnist-dask ARGS`` as its own process, as a user's shell starts it."""
-    return subprocess.run([*CLI, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False, env=BASE_ENV)
 
 
 def write_job(path: Path, base: str | None = None, **sections) -> Path:
