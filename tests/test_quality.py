@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -206,6 +207,21 @@ def test_fit_takes_no_labels(subset):
     # A mistyped start-selection rule fails before any of the costly steps.
     with pytest.raises(ValueError, match="mixture_selection must be"):
         ManifoldClustering(mixture_selection="largest").fit(X[:50])
+
+
+def test_umap_kernels_are_cached_on_disk(fits, dask_client):
+    # Both workers fitted UMAP above; its kernels went through numba's disk cache, so the next
+    # worker process loads them instead of compiling them again.
+    def kernel_cache() -> tuple[str | None, int]:
+        import umap.umap_
+
+        stats = umap.umap_.smooth_knn_dist.stats
+        return stats.cache_path, sum(stats.cache_hits.values()) + sum(stats.cache_misses.values())
+
+    for cache_path, compiled_or_loaded in dask_client.run(kernel_cache).values():
+        assert compiled_or_loaded >= 1
+        assert cache_path is not None  # NullCache: caching was never switched on
+        assert list(Path(cache_path).glob("*smooth_knn_dist*.nbi"))
 
 
 def _features_by_loops(image: np.ndarray, feat: PatchDictionaryFeatures) -> np.ndarray:

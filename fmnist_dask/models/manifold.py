@@ -27,6 +27,7 @@ they agree on. docs/quality.md records what was measured, including what did not
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -43,6 +44,37 @@ from fmnist_dask._blocks import per_block, rows_in_sample
 from fmnist_dask.models.extend import KNeighborsExtension
 from fmnist_dask.models.features import PatchDictionaryFeatures
 from fmnist_dask.warp import rotate
+
+_UMAP_MODULES = ("umap.umap_", "umap.layouts", "umap.spectral", "umap.distances", "umap.sparse",
+                 "umap.utils", "pynndescent.pynndescent_", "pynndescent.distances",
+                 "pynndescent.rp_trees", "pynndescent.sparse", "pynndescent.utils",
+                 "pynndescent.graph_utils")
+
+
+@functools.cache
+def _import_umap() -> Any:
+    """Import UMAP with its numba kernels cached on disk, not compiled again in every process.
+
+    UMAP declares none of its kernels, and pynndescent only some, with ``cache=True``, so each
+    new worker process spent seconds compiling them before its first fit. numba keys a cached
+    kernel on its source file (path and time stamp), its argument types and the CPU, and
+    recompiles when any of these change, so caching these pure numeric kernels gives the same
+    code; kernels that numba cannot cache (closures over dynamic globals) warn once and are
+    compiled as before. A read-only install has no cache location: then nothing changes.
+    """
+    import importlib
+
+    import umap
+    from numba.core.dispatcher import Dispatcher
+
+    for name in _UMAP_MODULES:
+        for kernel in vars(importlib.import_module(name)).values():
+            if isinstance(kernel, Dispatcher):
+                try:
+                    kernel.enable_caching()
+                except RuntimeError:  # no writable cache location for this file
+                    return umap
+    return umap
 
 
 def _project_block(block: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
@@ -291,7 +323,7 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         if self.mixture_selection not in ("likelihood", "balanced"):
             raise ValueError("mixture_selection must be 'likelihood' or 'balanced', "
                              f"got {self.mixture_selection!r}")
-        import umap  # imported here: numba compiles it on first import (seconds)
+        umap = _import_umap()  # imported here: importing it compiles numba code (seconds)
 
         X = check_array(X, dtype=np.float32)
         rng = check_random_state(self.random_state)
@@ -325,6 +357,7 @@ class ManifoldClustering(_SampleImageClusterer, BaseEstimator):
         with warnings.catch_warnings():
             # Seeded UMAP is single-threaded by design (its reproducible mode), and says so.
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Cannot cache compiled function")
             self.embedding_ = reducer.fit_transform(Z)
         self.mixture_ = self._fit_mixture(self.embedding_, seeds[3])
         self.labels_ = self.mixture_.predict(self.embedding_)
