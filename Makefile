@@ -15,6 +15,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	@# UMAP's numba kernels into the disk cache now, not in each worker's first manifold fit.
+	$(BIN)/python -W ignore -c "from fmnist_dask.models.manifold import compile_umap_kernels; \
+		compile_umap_kernels()"
 	touch $@
 
 install: $(BIN)/.installed

@@ -607,3 +607,15 @@ def fit_on_workers(ensemble: ManifoldEnsemble, X: Any,
     members = [dask.delayed(fit_member, pure=False)(template, X, seed, sample_indices)
                for seed in ensemble.member_seeds()]
     return dask.delayed(_combine, pure=False)(ensemble, members).compute()
+
+
+def compile_umap_kernels() -> None:
+    """Fit a tiny seeded model once so UMAP's numba kernels are compiled into the disk cache.
+
+    ``make install`` calls it, so a job's workers load the kernels on their first manifold fit
+    instead of compiling them (docs/benchmarks.md, "UMAP's compiled kernels"); the argument
+    types match a real fit's, which is what the cache keys on.
+    """
+    images = np.random.default_rng(0).random((300, 28 * 28), dtype=np.float32)
+    ManifoldClustering(n_atoms=8, n_pca=5, n_view_pca=16, n_init=1,
+                       random_state=0).fit(images)
