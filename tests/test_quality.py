@@ -30,6 +30,7 @@ from sklearn.mixture import GaussianMixture
 
 from fmnist_dask.config import ManifoldSpec, load_job_spec
 from fmnist_dask.metrics import contingency, external_scores
+from fmnist_dask.models import features
 from fmnist_dask.models.features import PatchDictionaryFeatures, _pool_edges
 from fmnist_dask.models.manifold import (
     ManifoldClustering,
@@ -241,7 +242,7 @@ def _features_by_loops(image: np.ndarray, feat: PatchDictionaryFeatures) -> np.n
     return np.sqrt(out.reshape(pool * pool, k).ravel())
 
 
-def test_patch_features_match_the_definition_and_run_per_block(subset):
+def test_patch_features_match_the_definition_and_run_per_block(subset, monkeypatch):
     X, _ = subset
     feat = PatchDictionaryFeatures(16, patch_size=5, pool=3, n_patches=5_000,
                                    max_images=200, random_state=0).fit(X[:200])
@@ -254,6 +255,9 @@ def test_patch_features_match_the_definition_and_run_per_block(subset):
     blocks = feat.transform(da.from_array(X[:300], chunks=(70, 784)))
     assert blocks.chunks == ((70, 70, 70, 70, 20), (144,))
     np.testing.assert_allclose(blocks.compute(), F, rtol=1e-5, atol=1e-5)
+    # Each image is encoded on its own: the internal step size does not change a bit.
+    monkeypatch.setattr(features, "_SUB_ROWS", 256)
+    np.testing.assert_array_equal(feat.transform(X[:300]), F)
 
 
 def test_rotate_quarter_turns_are_numpy_rot90_and_zero_is_identity():
