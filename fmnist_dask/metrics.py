@@ -83,9 +83,19 @@ def _onehot(labels: np.ndarray, k: int, dtype: Any) -> np.ndarray:
     return (labels[:, None] == np.arange(k)).astype(dtype)
 
 
-def _prep(x: np.ndarray, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    x = np.ascontiguousarray(x, dtype=dtype)
-    return x, np.einsum("ij,ij->i", x, x, dtype=np.float64)
+def _augmented(x: np.ndarray, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [x, |x|^2, 1] and [-2x, 1, |x|^2]: their products are squared distances.
+
+    One matrix product then gives a whole tile of |a|^2 + |b|^2 - 2 a.b, instead of a product
+    followed by three passes over the tile to scale it and add the norms (which cost more
+    than the product itself when rows have few features, as after the PCA).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.einsum("ij,ij->i", x, x)[:, None]
+    ones = np.ones_like(norms)
+    left = np.hstack([x, norms, ones]).astype(dtype)
+    right = np.hstack([-2.0 * x, ones, norms]).astype(dtype)
+    return left, right
 
 
 def _cluster_distance_sums(
@@ -98,28 +108,25 @@ def _cluster_distance_sums(
     label c of ||x_a - x_b|| (shape n_i x k) and, when ``both``, ``r_j`` the same for the
     rows of block j against block i (the distance tile is symmetric: computed once).
     """
-    xi, ni = _prep(xi, dtype)
-    xj, nj = _prep(xj, dtype)
-    oj = _onehot(lj, k, np.float64)
-    oi = _onehot(li, k, np.float64) if both else None
-    r_i = np.zeros((len(xi), k))
-    r_j = np.zeros((len(xj), k)) if both else None
-    for a in range(0, len(xi), _TILE_ROWS):
-        xa, na = xi[a : a + _TILE_ROWS], ni[a : a + _TILE_ROWS, None]
-        for b in range(0, len(xj), _TILE_COLS):
-            xb = xj[b : b + _TILE_COLS]
-            # tile of distances, in reused buffers (fresh ones cost page faults)
-            g = scratch("sil_gram", (len(xa), len(xb)), xa.dtype)
-            np.matmul(xa, xb.T, out=g)
-            t = scratch("sil_dist", g.shape, np.float64)
-            np.multiply(g, -2.0, out=t)
-            t += na
-            t += nj[None, b : b + _TILE_COLS]
-            np.maximum(t, 0.0, out=t)
+    left, _ = _augmented(xi, dtype)
+    _, right = _augmented(xj, dtype)
+    oj = _onehot(lj, k, dtype)
+    oi = _onehot(li, k, dtype) if both else None
+    r_i = np.zeros((len(left), k))
+    r_j = np.zeros((len(right), k)) if both else None
+    for a in range(0, len(left), _TILE_ROWS):
+        la = left[a : a + _TILE_ROWS]
+        for b in range(0, len(right), _TILE_COLS):
+            rb = right[b : b + _TILE_COLS]
+            # tile of distances, in a reused buffer (fresh ones cost page faults)
+            t = scratch("sil_dist", (len(la), len(rb)), dtype)
+            np.matmul(la, rb.T, out=t)
+            np.maximum(t, 0.0, out=t)  # rounding can leave tiny negatives
             np.sqrt(t, out=t)
             r_i[a : a + _TILE_ROWS] += t @ oj[b : b + _TILE_COLS]
             if both:
-                r_j[b : b + _TILE_COLS] += t.T @ oi[a : a + _TILE_ROWS]
+                # (k x rows) @ tile reads the tile row by row: faster than tile.T @ onehot
+                r_j[b : b + _TILE_COLS] += (oi[a : a + _TILE_ROWS].T @ t).T
     return r_i, r_j
 
 
