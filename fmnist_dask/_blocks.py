@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
+from dask.utils import funcname
 
 #: Rows processed at a time inside a block: keeps the (rows x k) or (rows x rows)
 #: temporaries small enough for the CPU cache and float32 BLAS sums short.
@@ -399,6 +402,19 @@ def one_block(x: da.Array) -> Any:
     return x.rechunk({0: -1}).to_delayed().ravel()[0]
 
 
+def task_key(name: str, *parts: Any) -> str:
+    """A task-name prefix of its own for one call: ``name-<token of parts>`` (random without
+    parts).
+
+    Dask groups tasks by the name in their key, and a span (a stage on the dashboard, in
+    the progress line and in the run's timeline) takes every task of a group: keys named
+    after a function alone would put the tasks of two stages that call it into whichever
+    stage came first. Use it in tuple keys, ``(task_key(...), i, ...)``.
+    """
+    return f"{name}-{tokenize(*parts) if parts else uuid.uuid4().hex}"
+
+
 def on_worker(func, *args, **kwargs):
     """Run ``func`` on a worker (where the sample lives); return its small result."""
-    return dask.delayed(func, pure=False)(*args, **kwargs).compute()
+    key = (task_key(funcname(func)), 0)
+    return dask.delayed(func, pure=False)(*args, dask_key_name=key, **kwargs).compute()

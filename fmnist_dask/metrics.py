@@ -29,6 +29,7 @@ from fmnist_dask._blocks import (
     block_partials,
     exact_sq_dists,
     scratch,
+    task_key,
     tree_sum,
 )
 from fmnist_dask.sampling import take_rows
@@ -149,11 +150,14 @@ def _add_all(*parts: np.ndarray) -> np.ndarray:
     return np.sum(parts, axis=0)
 
 
-def _tree_add(parts: list, split_every: int) -> Any:
-    """Sum a list of delayed arrays with a tree of fan-in ``split_every``."""
+def _tree_add(parts: list, split_every: int, key: tuple) -> Any:
+    """Sum a list of delayed arrays with a tree of fan-in ``split_every``; keys (*key, ...)."""
     add = dask.delayed(_add_all, pure=True)
+    level = 0
     while len(parts) > 1:
-        parts = [add(*parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
+        parts = [add(*parts[i : i + split_every], dask_key_name=(*key, level, i))
+                 for i in range(0, len(parts), split_every)]
+        level += 1
     return parts[0]
 
 
@@ -234,19 +238,25 @@ def silhouette_samples_exact(
     xs = list(X.to_delayed().ravel())
     ls = list(labels.to_delayed().ravel())
     nb = len(xs)
+    # Keys named after this computation, not just the functions (see task_key).
+    token = task_key("silhouette", X.name, labels.name, k, np.dtype(dtype).str, split_every)
     task = dask.delayed(_pair_task, pure=True, nout=None)
     contrib: list[list] = [[] for _ in range(nb)]
     for i in range(nb):
         for j in range(i, nb):
-            pair = task(xs[i], ls[i], xs[j], ls[j], k, dtype, i == j)
-            contrib[i].append(dask.delayed(_first, pure=True)(pair))
+            pair = task(xs[i], ls[i], xs[j], ls[j], k, dtype, i == j,
+                        dask_key_name=(f"{token}-pair", i, j))
+            contrib[i].append(dask.delayed(_first, pure=True)(
+                pair, dask_key_name=(f"{token}-rows", i, j)))
             if j != i:
-                contrib[j].append(dask.delayed(_second, pure=True)(pair))
+                contrib[j].append(dask.delayed(_second, pure=True)(
+                    pair, dask_key_name=(f"{token}-rows", j, i)))
     finish = dask.delayed(_silhouette_from_sums, pure=True)
     blocks = [
         da.from_delayed(
-            finish(_tree_add(contrib[i], split_every), ls[i], counts),
-            shape=(X.chunks[0][i],), dtype=np.float64,
+            finish(_tree_add(contrib[i], split_every, (f"{token}-sum", i)), ls[i], counts,
+                   dask_key_name=(token, i)),
+            shape=(X.chunks[0][i],), dtype=np.float64, name=f"{token}-block-{i}",
         )
         for i in range(nb)
     ]

@@ -47,6 +47,32 @@ def test_exact_silhouette_equals_sklearn_on_real_rows(real_clustered, dask_clien
     assert got32 == pytest.approx(expected, abs=1e-5)
 
 
+def test_silhouettes_of_two_stages_at_once_keep_their_own_tasks(real_clustered, dask_client):
+    # Dask puts every task of a key-name group into the span (stage) that first had one:
+    # two silhouettes running at once, from two stages, must not share a group, or the
+    # dashboard, the progress line and the run's timeline credit one stage with both.
+    from distributed import span
+
+    X, labels, _ = real_clustered
+    held, span_ids = [], []
+    for name, rows in (("first", slice(0, 1000)), ("second", slice(1000, 2000))):
+        with span(name) as span_id:  # different rows: no task in common
+            held.append(dask_client.compute(metrics.silhouette_samples_exact(
+                da.from_array(X[rows], chunks=(500, 784)), labels[rows], block_size=250)))
+        span_ids.append(span_id)
+    values = dask_client.gather(held)  # both still held: their tasks stay on the scheduler
+    np.testing.assert_allclose(values[1], silhouette_samples(X[1000:2000], labels[1000:2000]),
+                               atol=1e-6)
+
+    def silhouette_tasks_per_span(dask_scheduler, ids):
+        spans = dask_scheduler.extensions["spans"].spans
+        return [sum(sum(group.states.values()) for group in spans[i].groups
+                    if group.name.startswith("silhouette-")) for i in ids]
+
+    first, second = dask_client.run_on_scheduler(silhouette_tasks_per_span, ids=span_ids)
+    assert first == second > 0  # the same computation on other rows: as many tasks each
+
+
 def test_exact_silhouette_samples_match_with_singletons_and_gaps():
     # Uneven chunks, a block size that does not divide n, a cluster of one row (s = 0)
     # and an unused label value (2): all as scikit-learn (which relabels 0..k-1).

@@ -50,6 +50,7 @@ from fmnist_dask._blocks import (
     block_partials,
     block_rows,
     exact_sq_dists,
+    on_worker,
     ordered_sum,
     ordered_tree,
     scratch,
@@ -673,10 +674,8 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.max_local_bytes is None or X.nbytes <= self.max_local_bytes:
             # One task depending on every block: the scheduler runs it on the worker
             # holding most of X, and the other blocks are sent there once.
-            blocks = X.to_delayed().ravel().tolist()
-            fitted = dask.delayed(_fit_in_one_task, pure=False)(
-                type(self), self.get_params(), self._n_init, rs, blocks
-            ).compute()
+            fitted = on_worker(_fit_in_one_task, type(self), self.get_params(), self._n_init,
+                               rs, X.to_delayed().ravel().tolist())
         else:
             fitted = self._fit_passes(_ClusterPasses(X, self.split_every), rs)
         for name, value in fitted.items():
