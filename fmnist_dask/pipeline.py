@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
+
 from fmnist_dask import logs, progress, sampling
 from fmnist_dask.augment import augment
 from fmnist_dask.config import JobSpec
@@ -214,12 +216,17 @@ class Stage:
         ``config.JobSpec``). ``("*",)``: every other stage.
     enabled : callable
         ``enabled(spec) -> bool``: whether the spec runs it.
+    priority : int
+        Dask priority of the stage's tasks: while stages share the workers, the ready tasks
+        of the higher one run first. Without it the oldest graph goes first, and a model fit
+        of a second waits behind the hundreds of silhouette tasks submitted before it.
     """
 
     name: str
     run: Callable[[JobState], StageOutput]
     needs: tuple[str, ...] = ()
     enabled: Callable[[JobSpec], bool] = lambda spec: True
+    priority: int = 0
 
 
 #: The clustering methods, in the order of the metrics table and the assignments' columns.
@@ -249,7 +256,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("augment", _augment, enabled=lambda s: s.augment.enabled),
     Stage("load", _load, needs=("augment",)),  # reads what augment wrote, when it runs
     Stage("clean", _clean, needs=("load",)),
-    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled),
+    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled, priority=-1),
     Stage("kmeans_raw", _kmeans_raw, needs=("clean",), enabled=_method_enabled("kmeans_raw")),
     Stage("reduce", _reduce, needs=("clean",), enabled=lambda s: s.reduce.enabled),
     Stage("kmeans_pca", _kmeans_pca, needs=("reduce",), enabled=_method_enabled("kmeans_pca")),
@@ -258,7 +265,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("spectral", _spectral, needs=("sample",), enabled=_method_enabled("spectral")),
     Stage("manifold_gmm", _manifold, needs=("sample",), enabled=_method_enabled("manifold_gmm")),
     Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled),
-    *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m)) for m in METHODS),
+    # The scores are most of the tasks and only evaluate waits for them: they yield.
+    *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-1)
+      for m in METHODS),
     Stage("evaluate", _evaluate, needs=(*(f"score_{m}" for m in METHODS), "tsne"),
           enabled=lambda s: any(_method_enabled(m)(s) for m in METHODS)),
     Stage("report", _report, needs=("*",)),
@@ -293,7 +302,8 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
 
     def work(stage: Stage) -> None:
         try:
-            with job.run.stage(stage.name, logger.info) as record:
+            with job.run.stage(stage.name, logger.info) as record, \
+                    dask.annotate(priority=stage.priority):
                 output, details = stage.run(job)
                 record.update(details or {})
             job.outputs[stage.name] = output
