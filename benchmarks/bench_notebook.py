@@ -158,8 +158,8 @@ def main() -> None:
     total["ratio"] = total["notebook_s"] / total["job_s"]
     result = {"load_average": os.getloadavg(), "csv": str(args.csv), "table": table,
               "total": total, "notebook": notebook, "job": job}
-    print("| stage | notebook (s) | job: stage wall (s) | job: task time (s) | notebook / job wall |"
-          "\n|---|---|---|---|---|")
+    print("| stage | notebook (s) | job: stage wall (s) | job: task time (s) "
+          "| notebook / job wall |\n|---|---|---|---|---|")
     for row, cells in table.items():
         ratio = f"{cells['ratio']:.1f}x" if cells["ratio"] else "-"
         print(f"| {row} | {cells['notebook_s']:.1f} | {cells['job_s']:.1f} | "
