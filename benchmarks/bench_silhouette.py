@@ -4,7 +4,9 @@ The partition is scikit-learn's ``KMeans(10, random_state=0, n_init=1)`` of the 
 scored (the 10 PCA components, or the 784 scaled pixels). Timed, interleaved per repeat so a
 load change hits all alike, with dask's threaded scheduler on 2 threads (one per core):
 
-- ``ours``: ``fmnist_dask.metrics.silhouette_exact`` of this tree (float64, as the job);
+- ``ours``: ``fmnist_dask.metrics.silhouette_exact`` of this tree, float64 products;
+- ``ours float32``: the same with float32 products (the job's default,
+  ``scores.silhouette_precision``);
 - ``reference``: the same function from a git revision (``--reference``, default the commit
   before the augmented-product kernel), loaded from ``git show``.
 
@@ -89,6 +91,10 @@ def main() -> None:
     result: dict = {"load_average_start": os.getloadavg(), "reference": args.reference,
                     "gemm_flops_per_s": gemm_rate, "sqrt_max_per_s": elementwise_rate}
     k = 10
+
+    def float32(X: da.Array, labels: np.ndarray) -> float:
+        return silhouette_exact(X, labels, dtype=np.float32)
+
     for space, data in spaces.items():
         repeats = args.repeats if space == "pca10" else args.raw_repeats
         if not repeats:
@@ -96,21 +102,25 @@ def main() -> None:
         n, d = data.shape
         labels = KMeans(k, random_state=0, n_init=1).fit_predict(data)
         dX = da.from_array(data, chunks=(5000, d))
-        times: dict[str, list[float]] = {"ours": [], "reference": []}
+        times: dict[str, list[float]] = {"ours": [], "reference": [], "ours float32": []}
         values = {}
         with dask.config.set(scheduler="threads", num_workers=2), threadpool_limits(1):
             for _ in range(repeats):
-                for name, fn in (("reference", reference), ("ours", silhouette_exact)):
+                for name, fn in (("reference", reference), ("ours", silhouette_exact),
+                                 ("ours float32", float32)):
                     start = time.perf_counter()
                     values[name] = float(fn(dX, labels))
                     times[name].append(time.perf_counter() - start)
         pairs = n * n / 2
+        # float64 products; float32 ones run at twice the rate (twice the lanes per vector)
         floor = pairs * (2 * (d + 2) + 4 * k) / gemm_rate + pairs / elementwise_rate
         medians = {name: statistics.median(t) for name, t in times.items()}
         result[space] = {"rows": n, "features": d, "seconds": times, "median_s": medians,
                          "values": values, "floor_s": floor,
+                         "floor32_s": floor / 2,
                          "reference_over_ours": medians["reference"] / medians["ours"],
-                         "ours_over_floor": medians["ours"] / floor}
+                         "ours_over_floor": medians["ours"] / floor,
+                         "ours32_over_floor32": medians["ours float32"] / (floor / 2)}
         print(f"{space}: {json.dumps(result[space])}", file=sys.stderr)
     result["load_average_end"] = os.getloadavg()
     print(json.dumps(result, indent=2))

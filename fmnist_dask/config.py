@@ -185,6 +185,9 @@ class ScoreSpec(_Strict):
     silhouette: Literal["auto", "exact", "sampled", "off"] = "auto"
     exact_silhouette_max_rows: int = Field(default=100_000, ge=2)
     silhouette_sample_size: int = Field(default=10_000, ge=2)
+    #: Precision of the distance products: float32 takes half the time of float64 and moves
+    #: the silhouette by ~1e-7 on Fashion-MNIST (docs/benchmarks.md); totals are float64.
+    silhouette_precision: Literal["float32", "float64"] = "float32"
     images_per_cluster: int = Field(default=10, ge=1, le=30)
 
 
