@@ -25,12 +25,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from fmnist_dask._blocks import per_block
 
-#: Images per internal step of the per-block transform. The (images x patches x atoms)
-#: temporaries are ~9 MB each for 128 atoms on 6x6 patches of 28x28 images, small enough to
-#: stay in the caches between the steps that make them: twice as fast as 256 images (~70 MB
-#: each), with identical output, since every image is computed on its own
-#: (docs/benchmarks.md, "Patch features").
-_SUB_ROWS = 32
+#: Images per internal step of the per-block transform. Its (images x patches x atoms)
+#: temporaries take ~270 KB per image for 128 atoms on 6x6 patches of 28x28 images: at 8
+#: images they stay in the core's cache between the steps that make them, 2.4x faster than
+#: 256 images a step (docs/benchmarks.md, "Patch features"). Each image is computed on its
+#: own, so the output does not depend on it (tested).
+_SUB_ROWS = 8
 
 
 def _normalise_patches(patches: np.ndarray, contrast_eps: float) -> np.ndarray:
