@@ -27,9 +27,9 @@ from fmnist_dask._blocks import per_block
 
 #: Images per internal step of the per-block transform. Its (images x patches x atoms)
 #: temporaries take ~270 KB per image for 128 atoms on 6x6 patches of 28x28 images: at 8
-#: images they stay in the core's cache between the steps that make them, 2.4x faster than
-#: 256 images a step (docs/benchmarks.md, "Patch features"). Each image is computed on its
-#: own, so the output does not depend on it (tested).
+#: images they stay in the core's cache between the steps that make them, about twice as
+#: fast as 256 images a step (docs/benchmarks.md, "Patch features"). Each image is computed
+#: on its own, so the output does not depend on it (tested).
 _SUB_ROWS = 8
 
 
