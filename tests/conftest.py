@@ -394,14 +394,27 @@ def work_unit(nodeid: str) -> str:
     return "job_runs" if Path(module).stem in JOB_RUN_MODULES else module
 
 
+#: The longest units of work, longest first (``--durations`` in CI): started first, so that
+#: the two test processes finish together instead of one waiting on the last long module.
+LONGEST_FIRST = ("tests/test_quality.py", "job_runs", "tests/test_augment.py",
+                 "tests/test_load_clean.py", "tests/test_pipeline.py", "tests/test_kmeans.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Give each test process whole modules (their module fixtures are made once) and the
-    job-run modules together. (xdist's own ``loadgroup`` marks do not reach its scheduler
-    under pytest 9, which no longer lets a plugin rename a test.)"""
+    job-run modules together, in collection order (longest first, above). (xdist's own
+    ``loadgroup`` marks do not reach its scheduler under pytest 9, which no longer lets a
+    plugin rename a test.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
 
+    config.option.loadscopereorder = False  # keep the order above, not by test count
     return ModuleGroups(config, log)
