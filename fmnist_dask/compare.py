@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from fmnist_dask import runfiles
 from fmnist_dask.stages.report import CSS, DEFAULT_SORT, SCORES, Raw, ranking_score, read_run, table
 
 #: Scores compared, in this order; all higher-is-better. Fit time follows, lower is better.
@@ -228,8 +229,8 @@ def to_markdown(comparison: Comparison) -> str:
 def to_html(comparison: Comparison) -> str:
     """The comparison as one self-contained HTML page (tables with ``<th scope>``)."""
     headers, rows = run_rows(comparison)
-    links = [Raw(f'<a href="{html.escape(r.path.as_uri())}/report.html">{html.escape(r.label)}'
-                  "</a>") if (r.path / "report.html").exists() else r.label
+    links = [Raw(f'<a href="{html.escape(r.path.as_uri())}/{runfiles.REPORT}">'
+                 f"{html.escape(r.label)}</a>") if (r.path / runfiles.REPORT).exists() else r.label
              for r in comparison.runs]
     rows = [[link, *row[1:]] for link, row in zip(links, rows, strict=True)]
     parts = [f"<h1>Runs compared: {html.escape(', '.join(comparison.labels))}</h1>",

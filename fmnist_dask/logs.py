@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-RUN_LOG = "run.log"
 #: Label of log lines outside any stage.
 NO_STAGE = "-"
 #: Libraries whose log lines go through the same handlers (their own handlers are removed).

@@ -25,7 +25,7 @@ from typing import Any
 
 import dask
 
-from fmnist_dask import logs, progress, sampling
+from fmnist_dask import logs, progress, runfiles, sampling
 from fmnist_dask.augment import augment
 from fmnist_dask.config import JobSpec
 from fmnist_dask.dask_cluster import ClusterSession, load_cluster_config, open_cluster
@@ -337,7 +337,7 @@ def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
     manifest = {"job": spec.model_dump(mode="json")}
     name = run_name or default_run_name(spec.name)
     with open_run(Path(spec.output_dir), name, manifest) as run, \
-            logs.run_log(run.dir / logs.RUN_LOG), open_cluster(target) as session, \
+            logs.run_log(run.dir / runfiles.RUN_LOG), open_cluster(target) as session, \
             progress.watch(run, session.client):
         manifest["cluster"] = session.description
         manifest["dashboard_link"] = session.dashboard_link

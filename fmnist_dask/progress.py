@@ -25,11 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fmnist_dask import logs
+from fmnist_dask import logs, runfiles
 
 logger = logging.getLogger(__name__)
 
-PERFORMANCE_REPORT = "performance-report.html"
 #: Task states that count as finished (released/forgotten: finished, result dropped).
 DONE_STATES = ("memory", "released", "forgotten", "erred")
 
@@ -267,7 +266,7 @@ def watch(run: Any, client: Any, display: bool = True) -> Iterator[None]:
     hook = StageProgress(client, display=display, origin=getattr(run, "started_epoch", None))
     run.stage_hooks.append(hook)
     try:
-        with performance_report(run.dir / PERFORMANCE_REPORT, client, run.manifest):
+        with performance_report(run.dir / runfiles.PERFORMANCE_REPORT, client, run.manifest):
             yield
     finally:
         run.stage_hooks.remove(hook)

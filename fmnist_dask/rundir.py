@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fmnist_dask import runfiles
 from fmnist_dask.logs import stage_label
 
 logger = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
 #: Called as ``hook(stage_name, stage_record)`` around every stage (progress display, ...).
 StageHook = Callable[[str, dict[str, Any]], AbstractContextManager]
 PACKAGES = (
@@ -116,7 +116,7 @@ class Run:
         still unwinding after another stage failed cannot touch a directory that has been
         renamed or removed.
         """
-        path = self.dir / MANIFEST
+        path = self.dir / runfiles.MANIFEST
         with self._lock:
             if self._closed:
                 return path

@@ -18,13 +18,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from fmnist_dask import runfiles
 from fmnist_dask.config import CleanSpec
 from fmnist_dask.schema import PIXEL_COLUMNS
 from fmnist_dask.stages.load import ID_COLUMNS, REJECT_COLUMNS, Piece
 
-CLEANED_DIR = "cleaned"
-REJECTED_FILE = "rejected.parquet"
-DUPLICATES_FILE = "duplicates.parquet"
 _MIX = np.uint64(0xFF51AFD7ED558CCD)
 
 
@@ -176,7 +174,7 @@ def clean(raw: dd.DataFrame, pieces: list[Piece], files: list[str], spec: CleanS
     valid = raw[~is_bad][keep_columns]
     rejected = raw[is_bad][[*ID_COLUMNS, *REJECT_COLUMNS]]
 
-    work = run_dir / "_work"
+    work = run_dir / runfiles.WORK
     validated_dir = work / "validated"
     write_valid = valid.to_parquet(validated_dir, write_index=False, compute=False)
     _, rejected_rows = dask.compute(write_valid, rejected)
@@ -190,16 +188,16 @@ def clean(raw: dd.DataFrame, pieces: list[Piece], files: list[str], spec: CleanS
         rejected_rows = rejected_rows.assign(
             source_file=[files[int(i)] for i in rejected_rows["source_file"]]
         ).sort_values("row_id")
-        rejected_rows.to_parquet(run_dir / REJECTED_FILE, index=False)
+        rejected_rows.to_parquet(run_dir / runfiles.REJECTED, index=False)
 
     validated = dd.read_parquet(validated_dir)
     duplicates = find_duplicates(validated, spec.dedup_key).compute().sort_values("row_id")
-    duplicates.to_parquet(run_dir / DUPLICATES_FILE, index=False)
+    duplicates.to_parquet(run_dir / runfiles.DUPLICATES, index=False)
     duplicate_counts = {k: int(v) for k, v in duplicates["split"].value_counts().items()}
 
     ids = dask.delayed(np.sort(duplicates["row_id"].to_numpy()))
     kept = validated.map_partitions(_drop_rows, ids, meta=validated._meta)
-    kept.to_parquet(run_dir / CLEANED_DIR, write_index=False)
+    kept.to_parquet(run_dir / runfiles.CLEANED, write_index=False)
     shutil.rmtree(work)
 
     counts = CleanCounts(read, rejected_counts, duplicate_counts, kept_per_split(run_dir))
@@ -208,7 +206,7 @@ def clean(raw: dd.DataFrame, pieces: list[Piece], files: list[str], spec: CleanS
 
 
 def _parquet_parts(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / CLEANED_DIR).glob("*.parquet"), key=lambda p: _part_number(p))
+    return sorted((run_dir / runfiles.CLEANED).glob("*.parquet"), key=lambda p: _part_number(p))
 
 
 def _part_number(path: Path) -> int:
@@ -218,7 +216,7 @@ def _part_number(path: Path) -> int:
 
 def kept_per_split(run_dir: Path) -> dict[str, int]:
     """Rows per split in the cleaned parquet (reads only the ``split`` column)."""
-    frame = dd.read_parquet(run_dir / CLEANED_DIR, columns=["split"])
+    frame = dd.read_parquet(run_dir / runfiles.CLEANED, columns=["split"])
     per_part = frame.map_partitions(lambda part: part["split"].value_counts()).compute()
     return {k: int(v) for k, v in per_part.groupby(level=0).sum().items()}
 

@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from fmnist_dask import plots
+from fmnist_dask import plots, runfiles
 from fmnist_dask._blocks import on_worker, one_block
 from fmnist_dask.config import GMMSpec, KMeansSpec, ManifoldSpec, SpectralSpec
 from fmnist_dask.models.extend import KNeighborsExtension
@@ -51,14 +51,14 @@ def save_centroids(centers: np.ndarray, method: str, out_dir: Path,
     ``centers`` has shape (k, d) in the feature space; ``images`` (k, 784) in [0, 1] are
     the centres shown as pictures (for PCA centres: their inverse transform).
     """
-    cluster_dir = out_dir / "clusters"
-    cluster_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / runfiles.centroids(method, "parquet")
+    table.parent.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(centers, columns=[f"f{j + 1}" for j in range(centers.shape[1])])
     frame.insert(0, "cluster", np.arange(len(centers)))
-    frame.to_parquet(cluster_dir / f"{method}_centroids.parquet", index=False)
+    frame.to_parquet(table, index=False)
     if images is not None:
         plots.image_grid(np.clip(images, 0, 1), [f"cluster {k}" for k in range(len(images))], 5,
-                         cluster_dir / f"{method}_centroids.png", f"{method}: cluster centres")
+                         out_dir / runfiles.centroids(method), f"{method}: cluster centres")
 
 
 def gmm(projected: da.Array, sample: Sample, spec: GMMSpec, seed: int) -> ClusterResult:

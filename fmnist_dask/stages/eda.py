@@ -13,7 +13,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from fmnist_dask import plots
+from fmnist_dask import plots, runfiles
 from fmnist_dask.config import EdaSpec
 from fmnist_dask.schema import LABEL_NAMES
 from fmnist_dask.stages.clean import CleanData
@@ -55,9 +55,8 @@ def explore(data: CleanData, splits: list[str], spec: EdaSpec, out_dir: Path, se
     n_values = data.n_rows * pixels.shape[1]
     mean = total / n_values
     std = float(np.sqrt(max(total_sq / n_values - mean**2, 0.0)))
-    eda_dir = out_dir / "eda"
     plots.image_grid(images, [label_name(int(v)) for v in labels], spec.sample_grid,
-                     eda_dir / "sample_images.png", "Random sample of cleaned images")
+                     out_dir / runfiles.SAMPLE_IMAGES, "Random sample of cleaned images")
     names = [*LABEL_NAMES, "unlabelled"]
     class_counts = {
         split: {names[i - 1]: int(c) for i, c in enumerate(row) if c and i > 0}
@@ -66,8 +65,8 @@ def explore(data: CleanData, splits: list[str], spec: EdaSpec, out_dir: Path, se
     }
     present = [n for n in names if any(n in c for c in class_counts.values())]
     plots.bar_chart(present, {s: [c.get(n, 0) for n in present] for s, c in class_counts.items()},
-                    eda_dir / "class_distribution.png", "Images per class", "images")
-    plots.histogram(counts, edges, eda_dir / "pixel_histogram.png",
+                    out_dir / runfiles.CLASS_DISTRIBUTION, "Images per class", "images")
+    plots.histogram(counts, edges, out_dir / runfiles.PIXEL_HISTOGRAM,
                     f"Pixel values ({spec.histogram_bins} bins), mean {mean:.4f}, std {std:.4f}",
                     "scaled pixel value")
     return {

@@ -14,13 +14,12 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from fmnist_dask import runfiles
 from fmnist_dask._blocks import on_worker, one_block
 from fmnist_dask.artefacts import write_aligned_parquet
 from fmnist_dask.config import TSNESpec
 from fmnist_dask.models.tsne import TSNEEmbedding, subsample_trustworthiness
 from fmnist_dask.sampling import Sample, take_rows
-
-EMBEDDING_DIR = "embedding"
 
 
 @dataclass
@@ -57,7 +56,7 @@ def tsne(projected: da.Array, sample: Sample, row_id: da.Array, spec: TSNESpec, 
     else:
         ids = take_rows(row_id, sample.indices)
         coordinates = da.from_array(model.embedding_, chunks=(ids.chunks[0], 2))
-    write_aligned_parquet(out_dir / EMBEDDING_DIR,
+    write_aligned_parquet(out_dir / runfiles.EMBEDDING,
                           {"row_id": ids, "x": coordinates[:, 0], "y": coordinates[:, 1]})
     summary = {
         "sample_size": sample.size,

@@ -15,7 +15,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from fmnist_dask import plots
+from fmnist_dask import plots, runfiles
 from fmnist_dask.artefacts import write_aligned_parquet
 from fmnist_dask.config import ScoreSpec
 from fmnist_dask.metrics import contingency, external_scores, silhouette
@@ -24,8 +24,6 @@ from fmnist_dask.sampling import choose_sample_indices, take_rows
 from fmnist_dask.schema import LABEL_NAMES
 from fmnist_dask.stages.clean import CleanData
 
-ASSIGNMENTS_DIR = "assignments"
-METRICS_FILE = "metrics.parquet"
 #: Rows drawn to find sample images of every cluster (only their labels travel).
 IMAGE_POOL = 5_000
 
@@ -97,18 +95,17 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
     # Unlabelled rows (-1) go to an extra row of the table, dropped before scoring.
     true = da.where(data.label < 0, n_classes, data.label).astype(np.int64)
     table = contingency(true, result.labels, n_classes + 1, result.n_clusters)[:n_classes]
-    cluster_dir = out_dir / "clusters"
     names = [str(k) for k in range(result.n_clusters)]
     if table.sum() > 0:
         row.update(external_scores(table))
         names = content_cluster_names(table)
         plots.contingency_heatmap(table, LABEL_NAMES, names,
-                                  cluster_dir / f"{result.method}_contingency.png",
+                                  out_dir / runfiles.contingency(result.method),
                                   f"{result.method}: classes in each cluster")
     images, labels = _sample_images(data.pixels, result.labels, result.n_clusters,
                                      spec.images_per_cluster, seed)
     plots.cluster_samples(images, labels, result.n_clusters, spec.images_per_cluster,
-                          cluster_dir / f"{result.method}_samples.png",
+                          out_dir / runfiles.cluster_samples(result.method),
                           f"{result.method}: {spec.images_per_cluster} random images per cluster",
                           names)
     row.update(fit_seconds=result.fit_seconds, score_seconds=time.perf_counter() - start)
@@ -119,13 +116,13 @@ def write_assignments(results: list[ClusterResult], data: CleanData, out_dir: Pa
     """``assignments/part.N.parquet``: row_id, split, label, one cluster column per method."""
     columns = {"row_id": data.row_id, "split": data.split, "label": data.label}
     columns.update({r.method: r.labels for r in results})
-    return write_aligned_parquet(out_dir / ASSIGNMENTS_DIR, columns)
+    return write_aligned_parquet(out_dir / runfiles.ASSIGNMENTS, columns)
 
 
 def write_metrics(rows: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
     """``metrics.parquet``: one row per method, in the order of ``rows``."""
     frame = pd.DataFrame(rows)
-    frame.to_parquet(out_dir / METRICS_FILE, index=False)
+    frame.to_parquet(out_dir / runfiles.METRICS, index=False)
     return frame
 
 
@@ -135,19 +132,18 @@ def tsne_figures(coordinates: np.ndarray, indices: np.ndarray, results: list[Clu
 
     ``names`` maps a method to its clusters' display names (from :func:`score`).
     """
-    embed_dir = out_dir / "tsne"  # PNGs apart from embedding/, a parquet dataset
     labels = dask.compute(*[take_rows(r.labels, indices) for r in results],
                           take_rows(data.label, indices))
     paths = []
     for result, clusters in zip(results, labels[:-1], strict=True):
         shown = names.get(result.method) or [f"cluster {k}" for k in range(result.n_clusters)]
         paths.append(plots.scatter_by_group(
-            coordinates, clusters, shown, embed_dir / f"tsne_{result.method}.png",
+            coordinates, clusters, shown, out_dir / runfiles.tsne_figure(result.method),
             f"t-SNE of {len(indices):,} rows coloured by {result.method} clusters"))
     truth = labels[-1]
     if (truth >= 0).any():
         paths.append(plots.scatter_by_group(
-            coordinates, truth, LABEL_NAMES, embed_dir / "tsne_true_class.png",
+            coordinates, truth, LABEL_NAMES, out_dir / runfiles.TSNE_TRUE_CLASS,
             f"t-SNE of {len(indices):,} rows coloured by true class (evaluation only)"))
     return paths
 
@@ -164,12 +160,12 @@ def write_comparison(metrics: pd.DataFrame, stage_seconds: dict[str, float], out
     present = [s for s in COMPARISON_SCORES if s in table]
     plots.method_comparison(list(table["method"]),
                             {s: table[s].fillna(0).tolist() for s in present},
-                            out_dir / "comparison.png", "Clustering methods compared")
+                            out_dir / runfiles.COMPARISON_PNG, "Clustering methods compared")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for _, row in table.iterrows():
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
         lines.append("| " + " | ".join(cells).replace("nan", "") + " |")
     lines += ["", "Stage wall times (s): " + ", ".join(
         f"{name} {seconds:.1f}" for name, seconds in stage_seconds.items())]
-    (out_dir / "comparison.md").write_text("\n".join(lines) + "\n")
+    (out_dir / runfiles.COMPARISON_MD).write_text("\n".join(lines) + "\n")
     return table

@@ -10,12 +10,10 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from fmnist_dask import plots
+from fmnist_dask import plots, runfiles
 from fmnist_dask.artefacts import write_aligned_parquet
 from fmnist_dask.config import ReduceSpec
 from fmnist_dask.models.pca import DaskPCA
-
-PROJECTED_DIR = "projected"
 
 
 @dataclass
@@ -49,8 +47,7 @@ def reduce(pixels: da.Array, row_id: da.Array, spec: ReduceSpec, out_dir: Path
     """
     pca = DaskPCA(n_components=spec.n_components).fit(pixels)
     projected = pca.transform(pixels).astype(np.float32)
-    pca_dir = out_dir / "pca"
-    pca_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / runfiles.EXPLAINED_VARIANCE).parent.mkdir(parents=True, exist_ok=True)
     ratio = np.asarray(pca.explained_variance_ratio_)
     pd.DataFrame(
         {
@@ -59,16 +56,16 @@ def reduce(pixels: da.Array, row_id: da.Array, spec: ReduceSpec, out_dir: Path
             "explained_variance_ratio": ratio,
             "cumulative_ratio": np.cumsum(ratio),
         }
-    ).to_parquet(pca_dir / "explained_variance.parquet", index=False)
-    plots.explained_variance(ratio, pca_dir / "explained_variance.png")
+    ).to_parquet(out_dir / runfiles.EXPLAINED_VARIANCE, index=False)
+    plots.explained_variance(ratio, out_dir / runfiles.EXPLAINED_VARIANCE_PNG)
     shown = min(9, len(ratio))
     images = np.vstack([pca.mean_[None], pca.components_[:shown]])
     # Components have both signs: map them to [0, 1] around 0.5 for display.
     scale = np.abs(images[1:]).max(axis=1, keepdims=True)
     images[1:] = 0.5 + 0.5 * images[1:] / scale
     plots.image_grid(images, ["mean"] + [f"PC{i + 1} ({ratio[i]:.1%})" for i in range(shown)],
-                     5, pca_dir / "components.png", "Mean image and principal components")
-    write_aligned_parquet(out_dir / PROJECTED_DIR, {"row_id": row_id, "pc": projected})
+                     5, out_dir / runfiles.COMPONENTS_PNG, "Mean image and principal components")
+    write_aligned_parquet(out_dir / runfiles.PROJECTED, {"row_id": row_id, "pc": projected})
     summary = {
         "n_components": int(pca.n_components_),
         "explained_variance_ratio": [float(r) for r in ratio],

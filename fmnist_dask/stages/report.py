@@ -25,12 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-REPORT_FILE = "report.html"
-PERFORMANCE_REPORT = "performance-report.html"
-RUN_LOG = "run.log"
-MANIFEST = "manifest.json"
-METRICS = "metrics.parquet"
-TIMELINE = "timeline.png"
+from fmnist_dask import runfiles
 
 #: Scores a ranking can use: (short name, what it measures). All are "higher is better".
 SCORES: dict[str, tuple[str, str]] = {
@@ -201,11 +196,11 @@ def figure(run_dir: Path, relative: str, alt: str, caption: str | None = None) -
 def read_run(run_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """``manifest.json`` as a dict and ``metrics.parquet`` (empty frame when absent)."""
     run_dir = Path(run_dir)
-    manifest_path = run_dir / MANIFEST
+    manifest_path = run_dir / runfiles.MANIFEST
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not a run directory (no {MANIFEST})")
+        raise FileNotFoundError(f"{manifest_path}: not a run directory (no {runfiles.MANIFEST})")
     manifest = json.loads(manifest_path.read_text())
-    metrics_path = run_dir / METRICS
+    metrics_path = run_dir / runfiles.METRICS
     metrics = pd.read_parquet(metrics_path) if metrics_path.is_file() else pd.DataFrame()
     return manifest, metrics
 
@@ -310,7 +305,7 @@ def _data_section(manifest: dict[str, Any], run_dir: Path) -> str:
             caption="Rows per split", row_classes=["best" if s == "total" else ""
                                                    for s in splits]))
     links = [f'<a class="file" href="{name}">{name}</a>'
-             for name in ("duplicates.parquet", "rejected.parquet") if (run_dir / name).exists()]
+             for name in (runfiles.DUPLICATES, runfiles.REJECTED) if (run_dir / name).exists()]
     if links:
         parts.append(f"<p class=note>Row-level detail: {', '.join(links)}.</p>")
     eda = manifest.get("eda")
@@ -327,15 +322,15 @@ def _data_section(manifest: dict[str, Any], run_dir: Path) -> str:
               _num(sum(counts[s].get(c, 0) for s in counts))] for c in classes],
             caption="Images per class") if counts else ""
         parts.append('<div class="figs">' + figure(
-            run_dir, "eda/sample_images.png",
+            run_dir, runfiles.SAMPLE_IMAGES,
             f"{grid} by {grid} grid of randomly chosen cleaned images, each titled with its "
             "class name", "Random sample of the cleaned images.") + class_table + "</div>")
         parts.append(figure(
-            run_dir, "eda/class_distribution.png",
+            run_dir, runfiles.CLASS_DISTRIBUTION,
             "Bar chart of images per class for each split, the second split hatched; the same "
             "counts are in the table 'Images per class'", "Images per class and split."))
         parts.append(figure(
-            run_dir, "eda/pixel_histogram.png",
+            run_dir, runfiles.PIXEL_HISTOGRAM,
             f"Histogram of scaled pixel values on a log scale: most pixels are background "
             f"near 0; mean {eda['pixel_mean']:.4f}, standard deviation {eda['pixel_std']:.4f}",
             "Pixel value histogram, computed on the workers."))
@@ -356,11 +351,11 @@ def _pca_section(manifest: dict[str, Any], run_dir: Path) -> str:
         "pixel variance. The PCA projection is the feature space of every method but "
         "k-means on raw pixels.</p>",
         '<div class="figs">',
-        figure(run_dir, "pca/explained_variance.png",
+        figure(run_dir, runfiles.EXPLAINED_VARIANCE_PNG,
                "Bar chart of the variance explained by each principal component with the "
                f"cumulative curve, reaching {pca['cumulative_explained_variance']:.2f}; the "
                "values are in the table 'Explained variance'", "Explained variance."),
-        figure(run_dir, "pca/components.png",
+        figure(run_dir, runfiles.COMPONENTS_PNG,
                "The mean image and the first principal components drawn as 28 by 28 images, "
                "mid grey for zero", "Mean image and principal components."),
         "</div>",
@@ -378,7 +373,7 @@ def _pca_section(manifest: dict[str, Any], run_dir: Path) -> str:
             f"{_num(tsne.get('trustworthiness'), 3)} with 5 neighbours). Each method below "
             "colours this same map by its own clusters; here it is coloured by the true "
             "class, for evaluation only.</p>",
-            figure(run_dir, "tsne/tsne_true_class.png",
+            figure(run_dir, runfiles.TSNE_TRUE_CLASS,
                    "Scatter plot of the t-SNE map, each point a row, coloured and shaped by its "
                    "true class with the class names written at the centre of each group",
                    "t-SNE map coloured by the true class."),
@@ -428,20 +423,20 @@ def _methods_section(metrics: pd.DataFrame, run_dir: Path) -> str:
                      f"{k} clusters, features: {_esc(row.get('features'))}.</p>")
         parts.append(table(["score", "value"], _method_scores(row),
                            caption=f"Scores of {method}", text_columns=(0, 1)))
-        if (run_dir / f"clusters/{method}_centroids.png").is_file():
-            parts.append(figure(run_dir, f"clusters/{method}_centroids.png",
+        if (run_dir / runfiles.centroids(method)).is_file():
+            parts.append(figure(run_dir, runfiles.centroids(method),
                                 f"The {k} cluster centres of {method} drawn as images",
                                 "Cluster centres as images."))
         parts.append(figure(
-            run_dir, f"clusters/{method}_samples.png",
+            run_dir, runfiles.cluster_samples(method),
             f"One row per cluster of {method}, labelled with the cluster number and its matched "
             "class, showing random images assigned to it", "Random images of each cluster."))
         parts.append('<div class="figs">' + figure(
-            run_dir, f"clusters/{method}_contingency.png",
+            run_dir, runfiles.contingency(method),
             f"Heat map of how many images of each true class (rows) fall in each of the {k} "
             f"clusters of {method} (columns); every cell is annotated with its count",
             "Contingency matrix: true class against cluster.") + figure(
-            run_dir, f"tsne/tsne_{method}.png",
+            run_dir, runfiles.tsne_figure(method),
             f"The t-SNE map coloured and shaped by the {k} clusters of {method}, with the "
             "cluster numbers written at the centre of each group",
             f"t-SNE map coloured by the clusters of {method}.") + "</div>")
@@ -476,7 +471,7 @@ def _comparison_section(metrics: pd.DataFrame, run_dir: Path, score: str, said: 
         + ". Silhouettes are measured in each method's own feature space, so they compare "
           "methods only within one space (pixels or PCA); hence the ranking uses "
           f"{_esc(SCORES[score][0])}.</p>",
-        figure(run_dir, "comparison.png",
+        figure(run_dir, runfiles.COMPARISON_PNG,
                "Grouped bar chart of silhouette, ACC, NMI and ARI for every method; each method "
                "has its own colour and hatching, and the bars are labelled with their values, "
                "which are also in the table above", "All methods, all scores."),
@@ -503,17 +498,17 @@ def _time_section(manifest: dict[str, Any], run_dir: Path) -> str:
     parts = [table(["stage", "what", "status", "seconds", "share", "bar"], rows,
                    caption="Wall time per stage", text_columns=(0, 1, 2, 5),
                    row_classes=[""] * (len(rows) - 1) + ["best"])]
-    if (run_dir / TIMELINE).is_file():
+    if (run_dir / runfiles.TIMELINE).is_file():
         parts.append(
             "<p>Stages run as soon as what they need exists, several at a time: the shares "
             "above add up to more than the run's wall time when they overlapped.</p>"
-            + figure(run_dir, TIMELINE, "Timeline of the run: one bar per stage, from its "
+            + figure(run_dir, runfiles.TIMELINE, "Timeline of the run: one bar per stage, from its "
                      "start to its end", "When each stage ran."))
     if manifest.get("seconds"):
         parts.append(f"<p class=note>The whole run took {manifest['seconds']:,.1f} s, "
                      "including starting the cluster and writing the run directory.</p>")
     perf_name = manifest.get("performance_report")
-    perf_name = Path(perf_name).name if isinstance(perf_name, str) else PERFORMANCE_REPORT
+    perf_name = Path(perf_name).name if isinstance(perf_name, str) else runfiles.PERFORMANCE_REPORT
     links = []
     if (run_dir / perf_name).exists() or manifest.get("performance_report"):
         links.append(f'<a class="file" id="performance-report" href="{_esc(perf_name)}">Dask '
@@ -521,8 +516,9 @@ def _time_section(manifest: dict[str, Any], run_dir: Path) -> str:
                      "whole run; open it beside this page)")
     else:
         links.append("No Dask performance report was saved in this run directory")
-    if (run_dir / RUN_LOG).exists():
-        links.append(f'The job\'s log: <a class="file" href="{RUN_LOG}">{RUN_LOG}</a>')
+    if (run_dir / runfiles.RUN_LOG).exists():
+        log = runfiles.RUN_LOG
+        links.append(f'The job\'s log: <a class="file" href="{log}">{log}</a>')
     if manifest.get("dashboard_link"):
         links.append(f"The Dask dashboard was at <code>{_esc(manifest['dashboard_link'])}"
                      "</code> while the job ran")
@@ -574,7 +570,8 @@ def render_report(run_dir: Path, sort_by: str = DEFAULT_SORT) -> str:
         _time_section(manifest, run_dir),
         "</main>",
         f"<footer><p class=note>Written {generated} from the files of this run directory "
-        f"(<code>{MANIFEST}</code>, <code>{METRICS}</code>, the PNGs); regenerate with "
+        f"(<code>{runfiles.MANIFEST}</code>, <code>{runfiles.METRICS}</code>, the PNGs); "
+        "regenerate with "
         f"<code>fmnist-dask report {_esc(run_dir.name)}</code>.</p>{_versions(manifest)}"
         "</footer>",
     ])
@@ -605,7 +602,8 @@ def write_timeline(run_dir: Path) -> Path | None:
             workers.setdefault(worker, []).extend((name, a, b) for a, b in intervals)
     return plots.timeline([n for n, _ in timed], [s["start"] for _, s in timed],
                           [s["end"] for _, s in timed],
-                          [s.get("status") == "done" for _, s in timed], run_dir / TIMELINE,
+                          [s.get("status") == "done" for _, s in timed],
+                          run_dir / runfiles.TIMELINE,
                           f"Run {manifest.get('run_name', run_dir.name)}: stages over time",
                           workers={w.split("://")[-1]: workers[w] for w in sorted(workers)})
 
@@ -631,7 +629,7 @@ def write_report(run_dir: Path, sort_by: str = DEFAULT_SORT) -> Path:
     run_dir = Path(run_dir)
     write_timeline(run_dir)
     page = render_report(run_dir, sort_by)
-    path = run_dir / REPORT_FILE
+    path = run_dir / runfiles.REPORT
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(path)
