@@ -298,7 +298,8 @@ def scratch(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """A reusable work array of this thread (contents undefined).
 
     Hot kernels run thousands of times; fresh multi-megabyte temporaries each time cost
-    page faults that can exceed the arithmetic (measured ~4 us per page on this VM).
+    page faults that can exceed the arithmetic (docs/benchmarks.md, "Figures behind choices
+    in the code").
     One buffer per name and thread is grown when needed and reused.
     """
     pool = getattr(_SCRATCH, "pool", None)

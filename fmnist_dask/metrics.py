@@ -220,8 +220,9 @@ def silhouette_samples_exact(
         Rows per block of the pairing (X is rechunked to it); about
         (n / block_size)^2 / 2 tasks.
     dtype : {numpy.float64, numpy.float32}, default=float64
-        Precision of the dot products. float64 matches scikit-learn (which upcasts) to
-        ~1e-12; float32 is about 3x faster on this CPU and agrees to ~1e-7.
+        Precision of the distance products. float64 matches scikit-learn (which upcasts)
+        to ~1e-12; float32 takes about half the time and agrees to ~1e-7
+        (docs/benchmarks.md, "Exact silhouette").
     split_every : int, default=8
 
     Returns

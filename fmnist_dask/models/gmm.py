@@ -52,7 +52,8 @@ def fit_gmm(
         **kwargs,
     )
     # Single-threaded BLAS: the products are (n x 10) by (10 x 10), too small to share, and
-    # multithreaded OpenBLAS made this fit 5x slower on the loaded 2-core machine.
+    # multithreaded OpenBLAS made this fit slower (docs/benchmarks.md, "Figures behind
+    # choices in the code").
     with threadpool_limits(limits=1, user_api="blas"):
         return gmm.fit(sample)
 

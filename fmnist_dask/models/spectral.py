@@ -156,7 +156,7 @@ def _lobpcg_amg(
     start = rng.standard_normal((n, n_components + 1))
     start[:, 0] = dd
     # One BLAS thread: the V-cycle makes many small BLAS calls that multithreaded OpenBLAS
-    # slows down (2.4x per V-cycle measured on the shared 2-core machine).
+    # slows down (docs/benchmarks.md, "Figures behind choices in the code").
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         # Non-convergence is reported by the residual check below instead.
         warnings.simplefilter("ignore", UserWarning)

@@ -87,17 +87,16 @@ class TSNEEmbedding(BaseEstimator):
         Iterations with exaggerated attraction (as scikit-learn).
     n_iter : int, default=300
         Iterations after the exaggeration phase (openTSNE's default is 500; scikit-learn
-        runs 750). On the 70,000 Fashion-MNIST rows (PCA-10) with ``ints_in_interval=4``,
-        300 gave trustworthiness 0.99633 on 5,000 points (500: 0.99599; scikit-learn's
-        TSNE: 0.99621) in 33 s instead of 52 s; the final KL divergence is higher (2.69 vs
-        2.62), i.e. the map is a little less relaxed, its neighbourhoods as faithful.
+        runs 750). On the 70,000 Fashion-MNIST rows 300 keep the neighbourhoods as faithful
+        as scikit-learn's map (trustworthiness) at a little higher KL divergence, i.e. a
+        little less relaxed (docs/benchmarks.md, "Sample-based models").
     learning_rate : float or "auto", default="auto"
         ``"auto"`` is ``n / 12`` (the same step as scikit-learn's ``"auto"``, whose gradient
         carries an extra factor 4).
     neighbors : str, default="exact"
         openTSNE's k-NN method for the ``3 * perplexity`` input neighbours: ``"exact"`` is a
         scikit-learn kd-tree (as scikit-learn's TSNE), on 10 components both faster than
-        ``"annoy"`` (13 s against 48 s of CPU at 70,000 rows) and far smaller to pickle.
+        ``"annoy"`` and far smaller to pickle (docs/benchmarks.md).
     negative_gradient_method : str, default="auto"
         ``"fft"``: FFT-accelerated interpolation (linear in ``n``); ``"bh"``: Barnes-Hut;
         ``"auto"`` (openTSNE's rule): FFT from 10,000 points, Barnes-Hut below, where the
@@ -105,8 +104,8 @@ class TSNEEmbedding(BaseEstimator):
     ints_in_interval : float, default=4.0
         Embedding units per FFT interpolation interval (openTSNE's default is 1). The
         gradient's cost follows the number of grid cells, which grows with the embedding's
-        spread as it expands: at 70,000 rows 1 -> 2 -> 4 took 97 -> 64 -> 52 s (500
-        iterations) for trustworthiness 0.99651 -> 0.99629 -> 0.99599.
+        spread as it expands: coarser intervals cost much less for nearly the same
+        trustworthiness (docs/benchmarks.md, "Sample-based models").
     initialization : str, default="pca"
         Start from the scaled first two principal components (as scikit-learn).
     transform_perplexity : float, default=5
