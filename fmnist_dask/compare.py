@@ -8,7 +8,6 @@ writes the same as markdown or HTML (``--out FILE.md`` / ``--out FILE.html``).
 from __future__ import annotations
 
 import datetime as dt
-import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from markupsafe import Markup
 
-from fmnist_dask import runfiles
-from fmnist_dask.stages.report import CSS, DEFAULT_SORT, SCORES, Raw, ranking_score, read_run, table
+from fmnist_dask import pages, runfiles
+from fmnist_dask.pages import table
+from fmnist_dask.stages.report import DEFAULT_SORT, SCORES, ranking_score, read_run
 
 #: Scores compared, in this order; all higher-is-better. Fit time follows, lower is better.
 COMPARED = ("nmi", "ari", "acc", "silhouette")
@@ -229,24 +230,17 @@ def to_markdown(comparison: Comparison) -> str:
 def to_html(comparison: Comparison) -> str:
     """The comparison as one self-contained HTML page (tables with ``<th scope>``)."""
     headers, rows = run_rows(comparison)
-    links = [Raw(f'<a href="{html.escape(r.path.as_uri())}/{runfiles.REPORT}">'
-                 f"{html.escape(r.label)}</a>") if (r.path / runfiles.REPORT).exists() else r.label
-             for r in comparison.runs]
+    # Each run's label links to its report, when it has one.
+    links = [Markup('<a href="{}/{}">{}</a>').format(r.path.as_uri(), runfiles.REPORT, r.label)
+             if (r.path / runfiles.REPORT).exists() else r.label for r in comparison.runs]
     rows = [[link, *row[1:]] for link, row in zip(links, rows, strict=True)]
-    parts = [f"<h1>Runs compared: {html.escape(', '.join(comparison.labels))}</h1>",
-             f'<p class="verdict" id="verdict">{html.escape(verdict(comparison))}</p>',
-             table(headers, rows, caption="Runs", text_columns=(0, 1, 3, 7),
-                   attrs='id="runs"')]
-    for name in comparison.tables:
-        h, r = score_rows(comparison, name)
-        parts.append(table(h, r, caption=_title(name), attrs=f'id="score-{name}"'))
-    generated = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    parts.append(f"<p class=note>Written {generated} by <code>fmnist-dask compare</code> from "
-                 "each run's metrics.parquet and manifest.json.</p>")
-    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>Runs compared: {html.escape(', '.join(comparison.labels))}</title>"
-            f"<style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>\n")
+    return pages.render(
+        "compare.html.j2", labels=comparison.labels, verdict=verdict(comparison),
+        runs=table(headers, rows, caption="Runs", text_columns=(0, 1, 3, 7), attrs='id="runs"'),
+        scores=[table(*score_rows(comparison, name), caption=_title(name),
+                      attrs=f'id="score-{name}"') for name in comparison.tables],
+        generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        files={"metrics": runfiles.METRICS, "manifest": runfiles.MANIFEST})
 
 
 def write(comparison: Comparison, path: Path) -> Path:

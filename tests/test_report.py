@@ -244,3 +244,24 @@ def test_unlabelled_runs_are_ranked_by_silhouette(tmp_path):
     assert 'class="missing">Figure not produced in this run: <code>clusters/a_samples.png' in page
     comparison = compare_runs([tmp_path])
     assert comparison.score == "silhouette" and comparison.methods == ["b", "a"]
+
+
+def test_names_from_the_run_are_escaped_in_both_pages(tmp_path):
+    # The run name, the job name, an error message and a method name are text on the pages,
+    # never markup, wherever they appear.
+    evil = "<script>alert(1)</script>"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({
+        "run_name": evil, "status": "failed", "error": f"boom {evil}",
+        "job": {"name": evil, "seed": 0, "data": {"format": "csv", "dir": evil}}}))
+    pd.DataFrame({"method": [evil, "b"], "n_clusters": [3, 3], "features": ["pca", "pca"],
+                  "nmi": [0.5, 0.4]}).to_parquet(run / "metrics.parquet")
+    page = render_report(run)
+    assert "<script>" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 5  # title, h1, facts, methods
+    assert f"By NMI, {evil.replace('<', '&lt;').replace('>', '&gt;')} worked best" in page
+    html_out = tmp_path / "compare.html"
+    assert cli("compare", str(run), "--out", str(html_out)).returncode == 0
+    compared = html_out.read_text()
+    assert "<script>" not in compared and "&lt;script&gt;alert(1)&lt;/script&gt;" in compared
