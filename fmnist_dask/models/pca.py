@@ -138,8 +138,8 @@ class DaskPCA(TransformerMixin, BaseEstimator):
         cov = (stats[1:] - n * np.outer(delta, delta)) / (n - 1)
         cov = (cov + cov.T) / 2  # exact symmetry for eigh
         # One BLAS thread: the client's thread count otherwise changes the eigenvectors
-        # in the last bits (measured 1.2e-14 between 1 and 2 threads), and the job's
-        # results must not depend on the machine that submits it.
+        # in the last bits, and the job's results must not depend on the machine that
+        # submits it.
         with threadpool_limits(limits=1, user_api="blas"):
             eigvals, eigvecs = np.linalg.eigh(cov)
         eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
