@@ -109,8 +109,8 @@ def take_rows(X: da.Array, indices: np.ndarray) -> da.Array:
     if indices.size == X.shape[0]:
         return X  # every row: nothing to select
     # Not X[indices]: dask's fancy indexing shuffles, and on a derived array (the lazily
-    # scaled pixels) the scheduler then held every input block at once (748 MB of 878 MB
-    # at 280,000 rows: the 16x evaluate peak). One blockwise task per block fuses with the
+    # scaled pixels) the scheduler then held every input block at once (the 16x evaluate
+    # peak, docs/benchmarks.md "Scale"). One blockwise task per block fuses with the
     # block's producer instead.
     bounds = np.cumsum((0, *X.chunks[0]))
     cuts = np.searchsorted(indices, bounds)
