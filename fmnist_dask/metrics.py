@@ -84,8 +84,8 @@ def _onehot(labels: np.ndarray, k: int, dtype: Any) -> np.ndarray:
     return (labels[:, None] == np.arange(k)).astype(dtype)
 
 
-def _augmented(x: np.ndarray, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [x, |x|^2, 1] and [-2x, 1, |x|^2]: their products are squared distances.
+def _augmented(x: np.ndarray, dtype: Any, left: bool) -> np.ndarray:
+    """Rows [x, |x|^2, 1] (``left``) or [-2x, 1, |x|^2]: their products are squared distances.
 
     One matrix product then gives a whole tile of |a|^2 + |b|^2 - 2 a.b, instead of a product
     followed by three passes over the tile to scale it and add the norms (which cost more
@@ -94,9 +94,7 @@ def _augmented(x: np.ndarray, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     norms = np.einsum("ij,ij->i", x, x)[:, None]
     ones = np.ones_like(norms)
-    left = np.hstack([x, norms, ones]).astype(dtype)
-    right = np.hstack([-2.0 * x, ones, norms]).astype(dtype)
-    return left, right
+    return np.hstack([x, norms, ones] if left else [-2.0 * x, ones, norms]).astype(dtype)
 
 
 def _cluster_distance_sums(
@@ -109,8 +107,7 @@ def _cluster_distance_sums(
     label c of ||x_a - x_b|| (shape n_i x k) and, when ``both``, ``r_j`` the same for the
     rows of block j against block i (the distance tile is symmetric: computed once).
     """
-    left, _ = _augmented(xi, dtype)
-    _, right = _augmented(xj, dtype)
+    left, right = _augmented(xi, dtype, left=True), _augmented(xj, dtype, left=False)
     oj = _onehot(lj, k, dtype)
     oi = _onehot(li, k, dtype) if both else None
     r_i = np.zeros((len(left), k))
