@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     aug.add_argument("job", nargs="?", type=Path, default=DEFAULT_JOB,
                      help="job spec whose augment section (and cluster) to use "
                           f"(default {DEFAULT_JOB})")
-    aug.add_argument("--factor", type=int, help="augmented copies per source image")
+    aug.add_argument("--factor", type=int,
+                     help="copies per source image (copy 0 is the image itself)")
     aug.add_argument("--out", help="output directory (augment.out)")
     aug.add_argument("--seed", type=int, help="seed of the random transforms (augment.seed)")
     aug.add_argument("--source-dir", help="directory of the source files (augment.source.dir)")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -87,6 +88,12 @@ def real_scaled(real_arrays) -> tuple[np.ndarray, np.ndarray]:
     images = np.concatenate([real_arrays["train"][0], real_arrays["test"][0]])
     labels = np.concatenate([real_arrays["train"][1], real_arrays["test"][1]])
     return (images / np.float32(255)).astype(np.float32), labels
+
+
+def pixels_of(frame: pd.DataFrame) -> np.ndarray:
+    """The 784-byte ``pixels`` values of a frame read from a pixel file, as uint8 (n, 784)."""
+    assert all(len(value) == 784 for value in frame["pixels"])
+    return np.frombuffer(b"".join(frame["pixels"]), np.uint8).reshape(len(frame), 784)
 
 
 def write_rows(path: Path, labels, pixels, header: str | None = None) -> Path:

@@ -10,10 +10,9 @@ import pandas as pd
 
 from fmnist_dask.augment import augment
 from fmnist_dask.config import AugmentSourceSpec, AugmentSpec, CleanSpec, DataSpec
-from fmnist_dask.schema import PIXEL_COLUMNS
 from fmnist_dask.stages import clean as clean_stage
 from fmnist_dask.stages.load import load
-from tests.conftest import cli
+from tests.conftest import cli, pixels_of
 
 N_TRAIN = 300  # source rows per split
 
@@ -36,18 +35,24 @@ def test_augmentation_is_deterministic_and_keeps_labels_and_sources(tmp_path, re
     assert first["rows"] == {"train": 3 * N_TRAIN, "test": 3 * N_TRAIN}
     a, b, c = (_read(tmp_path / d, "train") for d in "abc")
     pd.testing.assert_frame_equal(a, b)  # same seed, same dataset
-    assert (a[list(PIXEL_COLUMNS)].to_numpy() != c[list(PIXEL_COLUMNS)].to_numpy()).mean() > 0.3
+    transformed = (a["copy"] > 0).to_numpy()
+    assert (pixels_of(a)[transformed] != pixels_of(c)[transformed]).mean() > 0.3
 
     images, labels = real_arrays["train"]
     assert a["source_row_id"].tolist() == np.repeat(np.arange(N_TRAIN), 3).tolist()
     np.testing.assert_array_equal(a["label"], labels[a["source_row_id"]])
     assert sorted(a["copy"].unique()) == [0, 1, 2]
-    assert a["aug_flip"].mean() > 0.3 and a["aug_rotation_deg"].abs().max() <= 10
-    augmented = a[list(PIXEL_COLUMNS)].to_numpy()
-    assert augmented.dtype == np.uint8
-    # Every copy differs from its source, but stays close to it (small transforms).
+    assert a.loc[transformed, "aug_flip"].mean() > 0.3
+    assert a["aug_rotation_deg"].abs().max() <= 10
+    augmented = pixels_of(a)
     source = images[a["source_row_id"]].astype(np.float64)
-    difference = np.abs(augmented - source).mean(axis=1)
+    # Copy 0 is the source image itself, its parameters the identity.
+    np.testing.assert_array_equal(augmented[~transformed], source[~transformed])
+    identity = a.loc[~transformed, ["aug_shift_x", "aug_rotation_deg", "aug_brightness",
+                                    "aug_noise_std"]]
+    assert (identity == 0).all().all() and (a.loc[~transformed, "aug_contrast"] == 1).all()
+    # Every other copy differs from its source, but stays close to it (small transforms).
+    difference = np.abs(augmented - source).mean(axis=1)[transformed]
     assert (difference > 0).all() and np.median(difference) < 60
     test = _read(tmp_path / "a", "test")
     assert test["source_row_id"].min() == N_TRAIN  # row ids continue across splits

@@ -133,14 +133,17 @@ def test_local_run_on_a_terminal_shows_progress_and_writes_run_log_and_report(re
     assert len(redraws) > 10
     progress = [m.groups() for m in PROGRESS.finditer(terminal)]
     seen = {stage for stage, *_ in progress}
-    assert {"clean", "kmeans_raw"} <= seen
+    # Every stage that lasts several redraws (0.5 s apart) is shown; clean is too quick here.
+    lasting = {name for name, record in manifest["stages"].items()
+               if record.get("tasks") and record["seconds"] >= 1.5}
+    assert "kmeans_raw" in lasting and lasting <= seen
     for _, done, total, active, _ in progress:
         assert 0 <= int(done) <= int(total) and int(active) <= int(total)
     # Each stage's final task count is in the manifest, and never below what was displayed.
     for stage in seen:
         shown = max(int(done) for s, done, *_ in progress if s == stage)
         assert manifest["stages"][stage]["tasks"] >= shown
-        assert shown > 0 or stage not in ("clean", "kmeans_raw")
+        assert shown > 0 or stage not in lasting
 
     # run.log: the same lines as the terminal (minus the progress redraws), one format.
     log_lines = (run_dir / "run.log").read_text().splitlines()

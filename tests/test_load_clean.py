@@ -8,23 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fmnist_dask import pixelfiles
 from fmnist_dask.config import CleanSpec, DataSpec, EdaSpec
-from fmnist_dask.schema import CSV_COLUMNS, LABEL_NAMES, PIXEL_COLUMNS
+from fmnist_dask.schema import CSV_COLUMNS, LABEL_NAMES
 from fmnist_dask.stages import clean as clean_stage
 from fmnist_dask.stages import eda as eda_stage
 from fmnist_dask.stages.load import InputError, load
-from tests.conftest import write_rows
+from tests.conftest import cli, pixels_of, write_rows
 
 
-def run_clean(tmp_path: Path, spec: DataSpec, clean_spec: CleanSpec | None = None):
+def run_clean(tmp_path: Path, spec: DataSpec, clean_spec: CleanSpec | None = None,
+              hasher: clean_stage.RowHasher = clean_stage.row_hash):
     raw, pieces, files = load(spec)
     out = tmp_path / "run"
     out.mkdir()
-    counts = clean_stage.clean(raw, pieces, files, clean_spec or CleanSpec(), out)
+    counts = clean_stage.clean(raw, pieces, files, clean_spec or CleanSpec(), out, hasher)
     return counts, out
 
 
 def cleaned_frame(out: Path) -> pd.DataFrame:
+    """``cleaned/`` read as a user reads it, with plain pandas."""
     return pd.read_parquet(out / "cleaned").sort_values("row_id").reset_index(drop=True)
 
 
@@ -76,7 +79,7 @@ def test_real_csv_subset_reads_same_values_as_idx(tmp_path, real_arrays, dask_cl
     counts, out = run_clean(tmp_path, spec)
     assert counts.as_dict()["total"]["kept"] == 3500
     frame = cleaned_frame(out)
-    np.testing.assert_array_equal(frame[list(PIXEL_COLUMNS)].to_numpy(),
+    np.testing.assert_array_equal(pixels_of(frame),
                                   np.concatenate([train_x[:3000], test_x[:500]]))
     np.testing.assert_array_equal(frame["label"], np.concatenate([train_y[:3000], test_y[:500]]))
     # Line numbers: the header is line 1, so data row k of a file is on line k + 2.
@@ -92,7 +95,17 @@ def _random_images(rng, n):
     return rng.integers(0, 256, size=(n, 784), dtype=np.uint8)
 
 
-def test_dedup_removes_exactly_the_planted_copies(tmp_path, dask_client):
+def two_bit_hash(keys: np.ndarray) -> np.ndarray:
+    """A hash with 4 values: every row collides with about a quarter of all rows."""
+    bucket = (keys[:, -1] % 4).astype(np.uint64)
+    return np.column_stack([bucket, np.zeros_like(bucket)])
+
+
+@pytest.mark.parametrize("hasher", [clean_stage.row_hash, two_bit_hash])
+def test_dedup_removes_exactly_the_planted_copies(tmp_path, dask_client, hasher):
+    """With the job's 128-bit hash, and with a 2-bit one under which hundreds of distinct
+    rows collide: only the planted copies are duplicates, since colliding rows are compared
+    byte by byte."""
     rng = np.random.default_rng(1)
     train_x = _random_images(rng, 400)
     train_y = rng.integers(0, 10, 400)
@@ -115,9 +128,12 @@ def test_dedup_removes_exactly_the_planted_copies(tmp_path, dask_client):
     _, pieces, _ = load(spec)
     assert len(pieces) >= 6  # copies really sit in different partitions
 
-    counts, out = run_clean(tmp_path, spec)
+    counts, out = run_clean(tmp_path, spec, hasher=hasher)
     dups = pd.read_parquet(out / "duplicates.parquet")
     assert dict(zip(dups.row_id, dups.duplicate_of, strict=True)) == planted
+    if hasher is two_bit_hash:  # the collisions really are there
+        keys = np.column_stack([np.r_[train_y, test_y] + 1, np.r_[train_x, test_x]])
+        assert len(np.unique(hasher(keys.astype(np.uint8)), axis=0)) == 4
     rows = counts.as_dict()
     assert rows["train"] == {"read": 400, "rejected": 0, "duplicates": 3, "kept": 397}
     assert rows["test"] == {"read": 100, "rejected": 0, "duplicates": 1, "kept": 99}
@@ -126,7 +142,7 @@ def test_dedup_removes_exactly_the_planted_copies(tmp_path, dask_client):
 
     # Keyed on pixels only, the relabelled copy is a duplicate too.
     (tmp_path / "px").mkdir()
-    counts, out = run_clean(tmp_path / "px", spec, CleanSpec(dedup_key="pixels"))
+    counts, out = run_clean(tmp_path / "px", spec, CleanSpec(dedup_key="pixels"), hasher)
     assert counts.as_dict()["test"]["duplicates"] == 2
     dups = pd.read_parquet(out / "duplicates.parquet")
     assert dict(zip(dups.row_id, dups.duplicate_of, strict=True)) == planted | {408: 201}
@@ -242,7 +258,7 @@ def test_gzip_csv_parquet_and_file_urls_read_the_same_rows(tmp_path, real_arrays
         counts, run = run_clean(out, spec)
         assert counts.as_dict()["test"]["kept"] == 700, name
         kept = cleaned_frame(run)
-        np.testing.assert_array_equal(kept[list(PIXEL_COLUMNS)].to_numpy(), images, err_msg=name)
+        np.testing.assert_array_equal(pixels_of(kept), images, err_msg=name)
         np.testing.assert_array_equal(kept["label"], labels, err_msg=name)
 
 
@@ -254,7 +270,7 @@ def test_unlabelled_csv_is_read_with_label_minus_one(tmp_path, real_arrays, dask
     assert counts.as_dict()["new"]["kept"] == 50
     kept = cleaned_frame(out)
     assert (kept["label"] == -1).all()
-    np.testing.assert_array_equal(kept[list(PIXEL_COLUMNS)].to_numpy(), images)
+    np.testing.assert_array_equal(pixels_of(kept), images)
 
 
 def test_parquet_with_bad_values_is_quarantined(tmp_path, dask_client):
@@ -272,3 +288,78 @@ def test_parquet_with_bad_values_is_quarantined(tmp_path, dask_client):
     assert rejected["reject_column"].tolist() == ["pixel9", "label"]
     assert rejected["reject_reason"].tolist() == ["pixel not in 0..255: '999'",
                                                   "label not in 0..9: '10'"]
+
+
+# ---------------------------------------------------------------------------------------
+# Pixel files (augmented data as input, cleaned/ as read by the later stages)
+
+
+def _pixel_files(directory: Path, images: np.ndarray, labels: np.ndarray, n_files: int) -> list:
+    directory.mkdir(parents=True)
+    paths = []
+    for i, rows in enumerate(np.array_split(np.arange(len(images)), n_files)):
+        path = directory / f"part-{i}.parquet"
+        pixelfiles.write_part(pd.DataFrame({"label": labels[rows].astype(np.int8),
+                                            "pixels": pixelfiles.to_series(images[rows])}), path)
+        paths.append(path)
+    return paths
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_pixel_file_input_is_read_and_validated_naming_the_file(tmp_path, real_arrays,
+                                                               dask_client):
+    images, labels = real_arrays["test"][0][:600], real_arrays["test"][1][:600]
+    paths = _pixel_files(tmp_path / "pix" / "train", images, labels, 3)
+    spec = DataSpec(format="parquet", dir=str(tmp_path / "pix"), splits={"train": "train"})
+    counts, out = run_clean(tmp_path, spec)
+    assert counts.as_dict()["train"] == {"read": 600, "rejected": 0, "duplicates": 0,
+                                         "kept": 600}
+    np.testing.assert_array_equal(pixels_of(cleaned_frame(out)), images)
+
+    # Truncated, or a pixels column of another type: refused when the inputs are planned.
+    paths[1].write_bytes(paths[1].read_bytes()[:-100])
+    with pytest.raises(InputError, match=f"{paths[1]}: not a parquet file, or truncated"):
+        load(spec)
+    pd.DataFrame({"label": labels[:5], "pixels": list(range(5))}).to_parquet(paths[1])
+    with pytest.raises(InputError, match=f"{paths[1]}: column 'pixels' is int64, expected "
+                                         r"fixed_size_binary\[784\]"):
+        load(spec)
+    # A corrupt page (the footer intact): the run stops with exit 3, the file named.
+    _pixel_files(tmp_path / "pix2" / "train", images, labels, 3)
+    _flip_middle_byte(tmp_path / "pix2" / "train" / "part-2.parquet")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"data: {{format: parquet, dir: {tmp_path / 'pix2'}, "
+                   "splits: {train: train}}\n"
+                   "eda: {enabled: false}\ntsne: {enabled: false}\nspectral: {enabled: false}\n"
+                   "scores: {silhouette: 'off'}\n")
+    result = cli("run", str(job), "--out", str(tmp_path / "runs"), "--scheduler",
+                 dask_client.scheduler.address)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert f"{tmp_path / 'pix2' / 'train' / 'part-2.parquet'}: row group 0 cannot be read" in \
+        result.stderr and "CRC checksum" in result.stderr
+
+
+def test_cleaned_pixel_file_missing_or_corrupt_stops_the_read_naming_it(tmp_path, real_arrays,
+                                                                       dask_client):
+    images, labels = real_arrays["test"][0][:600], real_arrays["test"][1][:600]
+    _pixel_files(tmp_path / "pix" / "train", images, labels, 3)
+    spec = DataSpec(format="parquet", dir=str(tmp_path / "pix"), splits={"train": "train"})
+    _, out = run_clean(tmp_path, spec)
+    parts = clean_stage.cleaned_parts(out)
+    assert len(parts) == 3
+    data = clean_stage.load_cleaned(out)
+    np.testing.assert_array_equal(data.raw_pixels.compute(), images)
+    _flip_middle_byte(parts[1])
+    with pytest.raises(InputError, match=f"{parts[1]}: pixel data cannot be read .*CRC"):
+        data.raw_pixels.compute()
+    parts[2].unlink()
+    with pytest.raises(InputError, match=f"{parts[2]}: pixel file is missing"):
+        data.raw_pixels[-5:].compute()
+    with pytest.raises(InputError, match=f"{parts[1]}: not a parquet pixel file|"
+                                         f"{parts[1]}: pixel data cannot be read"):
+        clean_stage.load_cleaned(out).raw_pixels.compute()

@@ -22,20 +22,20 @@ import dask.dataframe as dd
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from dask.utils import parse_bytes
 
+from fmnist_dask import pixelfiles
 from fmnist_dask.config import DataSpec
+from fmnist_dask.pixelfiles import PIXELS, InputError
 from fmnist_dask.schema import CSV_COLUMNS, N_PIXELS, PIXEL_COLUMNS
 
 NO_LABEL = -1
 ID_COLUMNS = ("row_id", "split", "source_file", "source_line", "label")
 REJECT_COLUMNS = ("reject_column", "reject_reason", "content")
 IDX_ROWS_PER_PIECE = 10_000
-
-
-class InputError(ValueError):
-    """Input that cannot be read at all (missing, empty, wrong header, not CSV)."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,10 @@ def raw_meta() -> pd.DataFrame:
             "label": pd.Series(dtype="int8"),
         }
     )
-    pixels = pd.DataFrame(np.zeros((0, N_PIXELS), np.uint8), columns=list(PIXEL_COLUMNS))
-    rejects = pd.DataFrame({c: pd.Series(dtype="string") for c in REJECT_COLUMNS})
-    return pd.concat([frame, pixels, rejects], axis=1)
+    frame[PIXELS] = pixelfiles.to_series(np.zeros((0, N_PIXELS), np.uint8))
+    for column in REJECT_COLUMNS:
+        frame[column] = pd.Series(dtype="string")
+    return frame
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,12 +194,19 @@ def _parquet_pieces(split: str, file_index: int, path: str) -> list[Piece]:
     try:
         with _open(path) as handle:
             meta = pq.ParquetFile(handle).metadata
-            names = pq.ParquetFile(handle).schema_arrow.names
+            schema = pq.ParquetFile(handle).schema_arrow
     except Exception as error:  # pyarrow raises several types for non-parquet bytes
-        raise InputError(f"{path}: not a parquet file ({error})") from None
-    missing = [c for c in PIXEL_COLUMNS if c not in names]
-    if missing:
-        raise InputError(f"{path}: missing column {missing[0]!r} (need pixel1..pixel784)")
+        raise InputError(f"{path}: not a parquet file, or truncated ({error})") from None
+    names = schema.names
+    if PIXELS in names:
+        if schema.field(PIXELS).type != pixelfiles.PIXEL_TYPE:
+            raise InputError(f"{path}: column {PIXELS!r} is {schema.field(PIXELS).type}, "
+                             f"expected {pixelfiles.PIXEL_TYPE} (784 uint8 pixels per row)")
+    else:
+        missing = [c for c in PIXEL_COLUMNS if c not in names]
+        if missing:
+            raise InputError(f"{path}: missing column {missing[0]!r} (need a {PIXELS!r} "
+                             "column of 784-byte images, or pixel1..pixel784)")
     labelled = "label" in names
     pieces, line = [], 1
     for group in range(meta.num_row_groups):
@@ -346,16 +354,29 @@ _REASONS = {
 }
 
 
-def _frame(piece: Piece, values: np.ndarray, lines: np.ndarray, first_bad: np.ndarray,
-           reasons: list[str | None], columns: list[str], contents: list[str | None]
-           ) -> pd.DataFrame:
-    """Assemble the raw frame of a piece from its value matrix and rejection details."""
-    n_rows = len(values)
+def _check_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First bad column (0, the label, or -1) and reason code per row, for rows whose pixels
+    are uint8 already (IDX, binary parquet, a CSV block that parsed as uint8): only the label
+    can be wrong. ``labels`` is float64, NaN where missing."""
+    with np.errstate(invalid="ignore"):
+        codes = np.where(np.isnan(labels), 1, np.where(
+            labels != np.floor(labels), 2, np.where((labels < 0) | (labels > 9), 3, 0)))
+    return np.where(codes > 0, 0, -1), codes.astype(np.int8)
+
+
+def _frame(piece: Piece, pixels: np.ndarray, labels: np.ndarray | None, lines: np.ndarray,
+           first_bad: np.ndarray, reasons: list[str | None], columns: list[str],
+           contents: list[str | None]) -> pd.DataFrame:
+    """Assemble the raw frame of a piece from its pixels (uint8, n x 784), labels and
+    rejection details; a rejected row's pixels and label are zeroed."""
+    n_rows = len(pixels)
     bad = first_bad >= 0
-    clean = np.where(bad[:, None], 0, values)
-    offset = 1 if piece.labelled else 0
-    label = clean[:, 0].astype(np.int8) if piece.labelled else np.full(n_rows, NO_LABEL, np.int8)
-    head = pd.DataFrame(
+    if bad.any():
+        pixels = np.where(bad[:, None], np.uint8(0), pixels)
+    label = (np.where(bad, 0, labels).astype(np.int8) if labels is not None
+             else np.full(n_rows, NO_LABEL, np.int8))
+    reject_column = [columns[i] if i >= 0 else None for i in first_bad] if bad.any() else None
+    frame = pd.DataFrame(
         {
             "row_id": piece.first_row_id + np.arange(n_rows, dtype=np.int64),
             "split": pd.array([piece.split] * n_rows, dtype="string"),
@@ -364,16 +385,33 @@ def _frame(piece: Piece, values: np.ndarray, lines: np.ndarray, first_bad: np.nd
             "label": label,
         }
     )
-    pixels = pd.DataFrame(clean[:, offset:].astype(np.uint8), columns=list(PIXEL_COLUMNS))
-    reject_column = [columns[i] if i >= 0 else None for i in first_bad] if bad.any() else None
-    rejects = pd.DataFrame(
-        {
-            "reject_column": pd.array(reject_column or [None] * n_rows, dtype="string"),
-            "reject_reason": pd.array(reasons, dtype="string"),
-            "content": pd.array(contents, dtype="string"),
-        }
-    )
-    return pd.concat([head, pixels, rejects], axis=1)
+    frame[PIXELS] = pixelfiles.to_series(pixels)
+    frame["reject_column"] = pd.array(reject_column or [None] * n_rows, dtype="string")
+    frame["reject_reason"] = pd.array(reasons, dtype="string")
+    frame["content"] = pd.array(contents, dtype="string")
+    return frame
+
+
+def _parse_csv_fast(body: bytes, columns: list[str], labelled: bool) -> np.ndarray | None:
+    """The block's values as uint8 (label first), or None when any field is not a uint8.
+
+    pyarrow's parser refuses a value outside uint8 or not an integer, and reads an empty
+    field as null: any of these sends the block to the row-by-row diagnosis.
+    """
+    types = {name: pa.uint8() for name in columns}
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(body),
+            read_options=pacsv.ReadOptions(column_names=columns, use_threads=False,
+                                           block_size=max(len(body), 1 << 20)),
+            convert_options=pacsv.ConvertOptions(column_types=types),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    if table.num_columns != len(columns) or any(c.null_count for c in table.columns):
+        return None
+    return np.column_stack([c.to_numpy() for c in table.columns]) if table.num_rows else \
+        np.zeros((0, len(columns)), np.uint8)
 
 
 def _parse_csv(piece: Piece) -> pd.DataFrame:
@@ -384,23 +422,24 @@ def _parse_csv(piece: Piece) -> pd.DataFrame:
         lines, line_numbers = lines[1:], line_numbers[1:]
     lines, line_numbers = lines[: piece.n_rows], line_numbers[: piece.n_rows]
     columns = list(CSV_COLUMNS if piece.labelled else PIXEL_COLUMNS)
-    body = b"\n".join(lines)
-    try:
-        # Fast path: a clean block parses straight to integers.
-        values = pd.read_csv(
-            io.BytesIO(body), header=None, names=columns, dtype=np.int64, engine="c",
-            skip_blank_lines=False,
-        ).to_numpy(dtype=np.float64)
-        if len(values) != len(lines):
-            raise ValueError("row count changed while parsing")
-        first_bad, codes = _check_values(values, piece.labelled)
-        reasons = _describe_rejects(values, first_bad, codes)
-    except (ValueError, OverflowError, pd.errors.ParserError):
-        values, first_bad, reasons = _parse_csv_slow(lines, columns, piece.labelled)
+    offset = 1 if piece.labelled else 0
+    values = _parse_csv_fast(b"\n".join(lines), columns, piece.labelled)
+    if values is not None and len(values) == len(lines):
+        labels = values[:, 0].astype(np.float64) if piece.labelled else None
+        pixels = values[:, offset:]
+        if labels is not None:
+            first_bad, codes = _check_labels(labels)
+            reasons = _describe_rejects(values, first_bad, codes)
+        else:
+            first_bad, reasons = np.full(len(values), -1), [None] * len(values)
+    else:
+        floats, first_bad, reasons = _parse_csv_slow(lines, columns, piece.labelled)
+        labels = floats[:, 0] if piece.labelled else None
+        pixels = floats[:, offset:].astype(np.uint8)
     contents: list[str | None] = [None] * len(lines)
     for i in np.flatnonzero(first_bad >= 0):
         contents[i] = lines[i].decode("utf-8", "replace")
-    return _frame(piece, values, line_numbers, first_bad, reasons, columns, contents)
+    return _frame(piece, pixels, labels, line_numbers, first_bad, reasons, columns, contents)
 
 
 def _format_value(value: float) -> str:
@@ -449,30 +488,63 @@ def _parse_idx(piece: Piece) -> pd.DataFrame:
     with _open(piece.path) as handle:
         handle.seek(16 + start * N_PIXELS)
         images = np.frombuffer(handle.read(count * N_PIXELS), np.uint8).reshape(-1, N_PIXELS)
+    if len(images) != count:
+        raise InputError(f"{piece.path}: truncated: rows {start + 1}..{start + count} expected, "
+                         f"{len(images)} found")
     columns = list(CSV_COLUMNS if piece.labelled else PIXEL_COLUMNS)
+    labels, first_bad, reasons = None, np.full(count, -1), [None] * count
     if piece.labelled:
         with _open(_idx_labels_path(piece.path)) as handle:
             handle.seek(8 + start)
-            labels = np.frombuffer(handle.read(count), np.uint8)
-        values = np.column_stack([labels, images]).astype(np.float64)
-    else:
-        values = images.astype(np.float64)
-    first_bad, codes = _check_values(values, piece.labelled)
-    reasons = _describe_rejects(values, first_bad, codes)
+            labels = np.frombuffer(handle.read(count), np.uint8).astype(np.float64)
+        first_bad, codes = _check_labels(labels)
+        reasons = _describe_rejects(labels[:, None], first_bad, codes)
     lines = piece.first_line + np.arange(count)
-    return _frame(piece, values, lines, first_bad, reasons, columns, [None] * count)
+    return _frame(piece, images, labels, lines, first_bad, reasons, columns, [None] * count)
 
 
 def _parse_parquet(piece: Piece) -> pd.DataFrame:
-    columns = list(CSV_COLUMNS if piece.labelled else PIXEL_COLUMNS)
     with _open(piece.path) as handle:
-        table = pq.ParquetFile(handle).read_row_group(piece.offset, columns=columns)
-    frame = table.to_pandas()
-    values = frame.to_numpy(dtype=np.float64, na_value=np.nan)[: piece.n_rows]
+        names = pq.ParquetFile(handle).schema_arrow.names
+        binary = PIXELS in names
+        wanted = ([PIXELS] if binary else list(PIXEL_COLUMNS)) + (["label"] if piece.labelled
+                                                                    else [])
+        try:
+            table = pq.ParquetFile(handle, page_checksum_verification=True).read_row_group(
+                piece.offset, columns=wanted)
+        except Exception as error:  # a page cut short or corrupt
+            raise InputError(f"{piece.path}: row group {piece.offset} cannot be read "
+                             f"({error})") from None
+    table = table.slice(0, piece.n_rows)
+    lines = piece.first_line + np.arange(table.num_rows)
+    labels = (table.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+              if piece.labelled else None)
+    if binary:
+        column = table.column(PIXELS).combine_chunks()
+        pixels = pixelfiles.to_numpy(column)
+        n_rows = len(pixels)
+        missing = column.is_null().to_numpy(zero_copy_only=False)
+        # What the reasons quote, column by column: the label, and NaN for a missing image.
+        quoted = np.column_stack([labels if labels is not None else np.zeros(n_rows),
+                                  np.where(missing, np.nan, 0.0)])
+        first_bad, codes = (_check_labels(labels) if labels is not None
+                            else (np.full(n_rows, -1), np.zeros(n_rows, np.int8)))
+        first_bad = np.where(missing & (first_bad < 0), 1, first_bad)  # the label first
+        codes = np.where(missing & (codes == 0), 1, codes)
+        columns = ["label", PIXELS]
+        if labels is None:
+            quoted, columns, first_bad = quoted[:, 1:], [PIXELS], np.where(first_bad > 0, 0, -1)
+        reasons = _describe_rejects(quoted, first_bad, codes)
+        return _frame(piece, pixels, labels, lines, first_bad, reasons, columns,
+                      [None] * n_rows)
+    columns = list(CSV_COLUMNS if piece.labelled else PIXEL_COLUMNS)
+    values = table.select(columns).to_pandas().to_numpy(dtype=np.float64, na_value=np.nan)
     first_bad, codes = _check_values(values, piece.labelled)
     reasons = _describe_rejects(values, first_bad, codes)
-    lines = piece.first_line + np.arange(len(values))
-    return _frame(piece, values, lines, first_bad, reasons, columns, [None] * len(values))
+    offset = 1 if piece.labelled else 0
+    pixels = np.where(first_bad[:, None] >= 0, 0, values[:, offset:]).astype(np.uint8)
+    return _frame(piece, pixels, labels, lines, first_bad, reasons, columns,
+                  [None] * len(values))
 
 
 def parse_piece(piece: Piece) -> pd.DataFrame:
