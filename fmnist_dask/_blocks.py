@@ -8,6 +8,7 @@ added together by a tree reduction. These helpers hold that pattern in one place
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -311,6 +312,35 @@ def scratch(name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     if buf is None or buf.size < size:
         buf = pool[(name, dtype)] = np.empty(max(size, 1), dtype=dtype)
     return buf[:size].reshape(shape)
+
+
+_RECYCLED: list[np.ndarray] = []
+_RECYCLED_LOCK = threading.Lock()
+#: Output arrays kept for reuse per process (a streamed pass has one or two in flight per
+#: worker thread).
+RECYCLED_MAX = 8
+
+
+def recycled(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """A fresh-looking output array that reuses the memory of one no longer referenced.
+
+    For task outputs that are made many times at the same shape (the scaled float32 block
+    of every streamed pass): new memory costs a page fault per 4 KiB page, which here
+    costs ~8x the scaling arithmetic (docs/benchmarks.md, "Streamed passes"). An array is
+    handed out again only when this pool holds the last reference to it: Dask has released
+    the task output, and no view of it survives (a view keeps its base referenced).
+    Contents undefined.
+    """
+    dtype = np.dtype(dtype)
+    with _RECYCLED_LOCK:
+        for buf in _RECYCLED:
+            # References: the pool's list, this loop's name, getrefcount's argument.
+            if buf.shape == shape and buf.dtype == dtype and sys.getrefcount(buf) == 3:
+                return buf
+        buf = np.empty(shape, dtype)
+        if len(_RECYCLED) < RECYCLED_MAX:
+            _RECYCLED.append(buf)
+        return buf
 
 
 def few_partials(partials: da.Array, split_every: int = 8) -> da.Array:

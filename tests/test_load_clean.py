@@ -363,3 +363,22 @@ def test_cleaned_pixel_file_missing_or_corrupt_stops_the_read_naming_it(tmp_path
     with pytest.raises(InputError, match=f"{parts[1]}: not a parquet pixel file|"
                                          f"{parts[1]}: pixel data cannot be read"):
         clean_stage.load_cleaned(out).raw_pixels.compute()
+
+
+def test_scaled_blocks_reuse_memory_only_when_nothing_refers_to_it(real_arrays):
+    images = real_arrays["test"][0][:1000]
+    first = clean_stage._scale_block(images)
+    np.testing.assert_array_equal(first, images.astype(np.float32) / np.float32(255))
+    second = clean_stage._scale_block(images[::-1])
+    assert not np.shares_memory(first, second)  # first is still referenced
+    np.testing.assert_array_equal(first, images.astype(np.float32) / np.float32(255))
+    view = second[:10]
+    del second
+    third = clean_stage._scale_block(images)
+    assert not np.shares_memory(view, third)  # a surviving view keeps its base
+    np.testing.assert_array_equal(view, images[::-1][:10].astype(np.float32) / 255)
+    address = first.__array_interface__["data"][0]
+    del first
+    fourth = clean_stage._scale_block(images[::-1])
+    assert fourth.__array_interface__["data"][0] == address  # released: reused
+    np.testing.assert_array_equal(fourth, images[::-1].astype(np.float32) / np.float32(255))
