@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fmnist_dask import passes
 from fmnist_dask.schema import N_PIXELS
 
 PIXELS = "pixels"
@@ -86,8 +87,12 @@ def check_part(path: Path | str, rows: int | None = None) -> pq.FileMetaData:
     ``pixels`` column is ``fixed_size_binary(784)`` and, when ``rows`` is given, that it
     holds that many rows.
     """
+    return _open_part(path, rows).metadata
+
+
+def _open_part(path: Path | str, rows: int | None) -> pq.ParquetFile:
     try:
-        handle = pq.ParquetFile(path)
+        handle = pq.ParquetFile(path, page_checksum_verification=True)
     except FileNotFoundError:
         raise InputError(f"{path}: pixel file is missing") from None
     except Exception as error:  # pyarrow raises several types for non-parquet bytes
@@ -101,20 +106,22 @@ def check_part(path: Path | str, rows: int | None = None) -> pq.FileMetaData:
                          "(784 uint8 pixels per row)")
     if rows is not None and handle.metadata.num_rows != rows:
         raise InputError(f"{path}: holds {handle.metadata.num_rows} rows, expected {rows}")
-    return handle.metadata
+    return handle
 
 
 def read_pixels(path: Path | str, rows: int | None = None) -> np.ndarray:
-    """The images of one pixel file, uint8 of shape (n, 784), after :func:`check_part`."""
-    check_part(path, rows)
+    """The images of one pixel file, uint8 of shape (n, 784), after :func:`check_part`;
+    every page's checksum is verified."""
+    handle = _open_part(path, rows)
     try:
-        column = pq.read_table(path, columns=[PIXELS],
-                               page_checksum_verification=True).column(PIXELS)
+        column = handle.read(columns=[PIXELS]).column(PIXELS)
     except Exception as error:  # a page cut short or corrupt
         raise InputError(f"{path}: pixel data cannot be read ({error})") from None
     if column.null_count:
         raise InputError(f"{path}: {column.null_count} rows have no pixels")
-    return to_numpy(column)
+    images = to_numpy(column)
+    passes.note("read", images.nbytes)
+    return images
 
 
 def read_column(path: Path | str, name: str) -> np.ndarray:

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fmnist_dask import logs, runfiles
+from fmnist_dask import logs, passes, runfiles
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,17 @@ class StageProgress:
         Epoch time (``time.time()``) the run started: each stage record gets ``workers``,
         ``{worker: [[start, end], ...]}`` in seconds since then, when each worker computed
         the stage's tasks. None: no such record.
+    manifest : dict or None
+        The run's manifest: its ``pixels.bytes`` turns the bytes a stage scaled into
+        passes over the pixels (``pixel_passes`` in the stage's record, see
+        :mod:`fmnist_dask.passes`).
     """
 
     def __init__(self, client: Any, display: bool = True, interval: float = 0.5,
-                 log_every: float = 10.0, origin: float | None = None) -> None:
+                 log_every: float = 10.0, origin: float | None = None,
+                 manifest: dict[str, Any] | None = None) -> None:
         self.client = client
+        self.manifest = manifest
         self.origin = origin
         self.display = display
         self.interval = interval
@@ -189,6 +195,14 @@ class StageProgress:
                 record["tasks"] = summarise(states)["done"]
                 logger.debug("task states at the end: %s", ", ".join(
                     f"{state} {n}" for state, n in sorted(states.items()) if n) or "no tasks")
+            try:
+                counts = passes.span_counts(self.client, span_id)
+            except Exception as exc:  # informative only, like the counts
+                logger.debug("no pixel passes from the workers: %s: %s", type(exc).__name__, exc)
+                counts = {}
+            if counts:
+                pixel_bytes = int((self.manifest or {}).get("pixels", {}).get("bytes", 0))
+                record["pixel_passes"] = passes.summary(counts, pixel_bytes)
             if self.origin is not None and states:
                 busy = self.busy(span_id)
                 if busy:
@@ -263,7 +277,8 @@ def watch(run: Any, client: Any, display: bool = True) -> Iterator[None]:
     display : bool
         Draw the progress line on a terminal.
     """
-    hook = StageProgress(client, display=display, origin=getattr(run, "started_epoch", None))
+    hook = StageProgress(client, display=display, origin=getattr(run, "started_epoch", None),
+                         manifest=run.manifest)
     run.stage_hooks.append(hook)
     try:
         with performance_report(run.dir / runfiles.PERFORMANCE_REPORT, client, run.manifest):

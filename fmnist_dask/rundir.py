@@ -50,6 +50,18 @@ def default_run_name(job_name: str) -> str:
     return f"{job_name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
 
 
+def done_message(record: dict[str, Any]) -> str:
+    """A stage's last log line, from its manifest record."""
+    text = f"done in {record['seconds']:.1f} s"
+    if "tasks" in record:
+        text += f", {record['tasks']} tasks"
+    if "pixel_passes" in record:
+        counts = record["pixel_passes"]
+        text += (f", {counts['passes']:g} passes over the pixels, "
+                 f"{counts['bytes_read'] / 1e9:.2f} GB read")
+    return text
+
+
 @dataclass
 class Run:
     """A run in progress: its directory, its manifest, and per-stage timings.
@@ -106,8 +118,7 @@ class Run:
                 self.write_manifest()
             record["status"] = "done"
             self.write_manifest()
-            tasks = f", {record['tasks']} tasks" if "tasks" in record else ""
-            log(f"done in {record['seconds']:.1f} s{tasks}")
+            log(done_message(record))
 
     def write_manifest(self, final: bool = False) -> Path:
         """Write ``manifest.json`` atomically (temporary file then rename).

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from distributed import wait
@@ -43,6 +44,7 @@ from tests.cluster_procs import (
     free_port,
     make_tls_files,
 )
+from tests.conftest import cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "cluster_config"
@@ -395,3 +397,40 @@ def test_version_check_rejects_workers_lacking_or_mismatching_the_package(tmp_pa
         # the check is what refused them: without it the same workers connect
         with open_cluster(target, check_versions=False) as session:
             assert session.description["n_workers"] == 2
+
+
+def test_job_on_augmented_data_assigns_alike_on_a_local_cluster_and_separate_processes(
+        tcp_cluster, tmp_path, real_dir):
+    """The whole job, pixels streamed from pixel files, on a LocalCluster and on separately
+    started ``dask scheduler`` / ``dask worker`` processes: the same clusters, row by row."""
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: procs\nseed: 5\n"
+        f"augment: {{enabled: true, factor: 3, seed: 1, out: {tmp_path / 'aug'}, "
+        f"source: {{dir: {real_dir}, limit_rows: 400}}}}\n"
+        f"data: {{format: parquet, dir: {tmp_path / 'aug'}, "
+        "splits: {train: train, test: test}}\n"
+        "eda: {enabled: false}\ntsne: {enabled: false}\npersist_max_bytes: 0\n"
+        "scores: {silhouette: sampled, silhouette_sample_size: 500, images_per_cluster: 2}\n")
+    out = tmp_path / "runs"
+    local = cli("run", str(job), "--out", str(out), "--run-name", "local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    remote = cli("run", str(job), "--out", str(out), "--run-name", "remote", "--scheduler",
+                 tcp_cluster.scheduler_address)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    manifests = {name: json.loads((out / name / "manifest.json").read_text())
+                 for name in ("local", "remote")}
+    assert manifests["local"]["cluster"]["kind"] == "local"
+    assert manifests["remote"]["cluster"]["address"] == tcp_cluster.scheduler_address
+    for manifest in manifests.values():
+        assert manifest["rows"]["total"] == {"read": 2400, "rejected": 0, "duplicates": 0,
+                                             "kept": 2400}
+        assert manifest["pixels"]["in_worker_memory"] is False
+    frames = [pd.read_parquet(out / name / "assignments").sort_values("row_id")
+              .reset_index(drop=True) for name in ("local", "remote")]
+    assert list(frames[0].columns[3:]) == ["kmeans_raw", "kmeans_pca", "gmm", "spectral"]
+    pd.testing.assert_frame_equal(*frames)
+    metrics = [pd.read_parquet(out / name / "metrics.parquet").set_index("method")
+               for name in ("local", "remote")]
+    scores = ["inertia", "silhouette", "acc", "nmi", "ari"]
+    pd.testing.assert_frame_equal(metrics[0][scores], metrics[1][scores])

@@ -37,7 +37,7 @@ from distributed.security import Security
 from fmnist_dask import logs
 from fmnist_dask.dask_cluster import ClusterError, LocalConfig, RemoteConfig, open_cluster
 from fmnist_dask.progress import StageProgress, performance_report
-from fmnist_dask.rundir import open_run
+from fmnist_dask.rundir import done_message, open_run
 from tests.cluster_procs import dask_processes, free_port, make_tls_files
 from tests.conftest import N_TEST, N_TRAIN, running, saved_logging
 
@@ -155,8 +155,7 @@ def test_local_run_on_a_terminal_shows_progress_and_writes_run_log_and_report(re
     tagged = {(m.group(2), line.split("] ", 1)[1]) for line in log_lines if (m := LINE.match(line))}
     for stage, record in manifest["stages"].items():
         assert (stage, "started") in tagged
-        tasks = f", {record['tasks']} tasks" if "tasks" in record else ""
-        assert (stage, f"done in {record['seconds']:.1f} s{tasks}") in tagged
+        assert (stage, done_message(record)) in tagged
 
     # The Dask performance report of the stages.
     assert manifest["performance_report"] == "performance-report.html"

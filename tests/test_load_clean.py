@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fmnist_dask import pixelfiles
+from fmnist_dask import passes, pixelfiles
 from fmnist_dask.config import CleanSpec, DataSpec, EdaSpec
 from fmnist_dask.schema import CSV_COLUMNS, LABEL_NAMES
 from fmnist_dask.stages import clean as clean_stage
@@ -382,3 +382,28 @@ def test_scaled_blocks_reuse_memory_only_when_nothing_refers_to_it(real_arrays):
     fourth = clean_stage._scale_block(images[::-1])
     assert fourth.__array_interface__["data"][0] == address  # released: reused
     np.testing.assert_array_equal(fourth, images[::-1].astype(np.float32) / np.float32(255))
+
+
+def test_passes_over_the_pixels_are_counted_per_span(tmp_path, real_arrays, dask_client):
+    from distributed import span
+
+    images, labels = real_arrays["test"][0][:3000], real_arrays["test"][1][:3000]
+    _pixel_files(tmp_path / "pix" / "train", images, labels, 3)
+    spec = DataSpec(format="parquet", dir=str(tmp_path / "pix"), splits={"train": "train"})
+    _, out = run_clean(tmp_path, spec)
+    data = clean_stage.load_cleaned(out)  # streamed: every pass reads the files
+    with span("two-passes") as two:
+        data.pixels.sum().compute()
+        data.pixels.max().compute()
+    with span("first-block") as first:
+        data.pixels[:10].compute()
+    counts = passes.span_counts(dask_client, two)
+    assert counts == {"scaled": 2 * images.nbytes, "read": 2 * images.nbytes}
+    assert passes.summary(counts, images.nbytes) == {"passes": 2.0,
+                                                      "bytes_read": 2 * images.nbytes}
+    assert passes.span_counts(dask_client, first) == {"scaled": 1000 * 784, "read": 1000 * 784}
+    kept = data.raw_pixels.persist()  # kept in worker memory: passes scale, nothing is read
+    kept.sum().compute()
+    with span("in-memory") as in_memory:
+        clean_stage.scale_pixels(kept).sum().compute()
+    assert passes.span_counts(dask_client, in_memory) == {"scaled": images.nbytes}

@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fmnist_dask import pixelfiles, runfiles
+from fmnist_dask import passes, pixelfiles, runfiles
 from fmnist_dask._blocks import recycled
 from fmnist_dask.config import CleanSpec
 from fmnist_dask.pixelfiles import PIXELS, InputError
@@ -327,6 +327,7 @@ class CleanData:
 def _scale_block(block: np.ndarray) -> np.ndarray:
     # Every streamed pass scales every block: into recycled memory, in place (the same
     # IEEE division as ``block / 255`` in float32, bit for bit, without a temporary).
+    passes.note("scaled", block.nbytes)
     scaled = recycled(block.shape, np.float32)
     np.copyto(scaled, block, casting="unsafe")
     scaled /= np.float32(255)
