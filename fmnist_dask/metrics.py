@@ -284,6 +284,36 @@ def _k_sample_sums(
     return r
 
 
+def _k_reference_sums(
+    xb: np.ndarray, cb: np.ndarray, left: np.ndarray, n_columns: int, dtype: Any, **_: Any
+) -> np.ndarray:
+    """Distance sums from the scored rows to a block of reference rows, per column id.
+
+    ``left`` holds the scored rows augmented (:func:`_augmented`, ``left=True``); ``cb``
+    gives each reference row its column (jackknife group * k + cluster). The block is
+    sorted by column so that each column is a run of the tile's columns, added with one
+    ``reduceat``: a one-hot product would cost 2 * n_columns flops per distance, more
+    than the distance itself when the rows have few features (PCA-10, 100 columns).
+    Returns shape (n_scored, n_columns).
+    """
+    order = np.argsort(cb, kind="stable")
+    cols = cb[order]
+    right = _augmented(xb[order], dtype, left=False)
+    out = np.zeros((len(left), n_columns))
+    for a in range(0, len(left), _TILE_ROWS):
+        la = left[a : a + _TILE_ROWS]
+        for b in range(0, len(right), _TILE_COLS):
+            rb = right[b : b + _TILE_COLS]
+            t = scratch("sil_dist", (len(la), len(rb)), dtype)
+            np.matmul(la, rb.T, out=t)
+            np.maximum(t, 0.0, out=t)
+            np.sqrt(t, out=t)
+            c = cols[b : b + len(rb)]  # sorted: each column id is one run
+            runs = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+            out[a : a + len(la), c[runs]] += np.add.reduceat(t, runs, axis=1)
+    return out
+
+
 @dataclass(frozen=True)
 class SilhouetteEstimate:
     """A silhouette value and how it was obtained.
@@ -301,6 +331,8 @@ class SilhouetteEstimate:
     method : {"exact", "sampled"}
     confidence : float
         Level of the interval.
+    reference_size : int
+        Rows the scored rows' mean distances were taken over (n_rows: every row).
     """
 
     value: float
@@ -310,35 +342,51 @@ class SilhouetteEstimate:
     n_rows: int
     method: str
     confidence: float
+    reference_size: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict, for metrics tables and manifests."""
         return asdict(self)
 
 
+#: Groups of the reference rows for the jackknife interval of the sampled silhouette.
+JACKKNIFE_GROUPS = 10
+#: Reference rows per block of the sampled silhouette's distance products.
+_REFERENCE_BLOCK = 4096
+
+
 def silhouette_sampled(
     X: Any, labels: Any, sample_size: int, random_state: Any = None,
-    confidence: float = 0.95, *, dtype: Any = np.float64, split_every: int = 8,
+    confidence: float = 0.95, *, reference_size: int = 50_000, dtype: Any = np.float64,
+    split_every: int = 8,
 ) -> SilhouetteEstimate:
     """Silhouette estimated from a uniform sample of rows, with a confidence interval.
 
-    Each sampled row's silhouette is computed exactly, against the FULL data (its mean
-    distance to every cluster), distributed over the row blocks. So each sampled value is
-    the row's true silhouette and the only error is which rows were drawn: the mean of a
-    simple random sample without replacement, with a normal-approximation interval
-    ``mean +- z * sd / sqrt(m) * sqrt(1 - m / n)`` (finite-population correction).
-    scikit-learn's ``silhouette_score(sample_size=m)`` instead scores the sample against
-    itself, so every a and b is itself estimated from m rows; that adds noise and a
-    small bias, and has no interval. Cost here: O(m n d) instead of O(n^2 d).
+    ``reference_size`` rows are drawn uniformly without replacement and ``sample_size`` of
+    them are scored: each scored row's a and b are its mean distances to the reference
+    rows of each cluster. The value is therefore scikit-learn's
+    ``silhouette_samples(X[reference], labels[reference])`` averaged over the scored rows,
+    and its cost, O(sample_size * reference_size * d), does not grow with the data (at 1.12
+    million raw-pixel rows, scoring 10,000 rows against every row took three quarters of
+    the job's score time). The interval is a grouped jackknife (:data:`JACKKNIFE_GROUPS`
+    groups of reference rows, each left out in turn with the scored rows among them), so
+    it covers both which rows were scored and which were the reference.
+
+    With ``reference_size >= n_samples`` every row is the reference: each scored value is
+    then the row's exact silhouette, the only error is which rows were drawn, and the
+    interval is the normal one with the finite-population correction,
+    ``mean +- z * sd / sqrt(m) * sqrt(1 - m / n)``. Cost O(m n d).
 
     Parameters
     ----------
     X : dask.array.Array of shape (n_samples, n_features)
     labels : dask.array.Array or ndarray of shape (n_samples,)
     sample_size : int
-        Rows drawn without replacement (capped at n_samples).
+        Rows scored (capped at the reference size).
     random_state : int, RandomState or None
     confidence : float, default=0.95
+    reference_size : int, default=50_000
+        Rows the mean distances are taken over (capped at n_samples).
     dtype : numpy dtype, default=float64
         Precision of the dot products (see :func:`silhouette_samples_exact`).
     split_every : int, default=8
@@ -351,10 +399,53 @@ def silhouette_sampled(
     n = X.shape[0]
     labels = as_aligned_vector(labels, X)
     counts, k = _check_labels(labels, n)
-    m = int(min(sample_size, n))
+    n_ref = int(min(reference_size, n))
+    m = int(min(sample_size, n_ref))
     if m < 2:
         raise ValueError("sample_size must be at least 2")
-    rows = np.sort(check_random_state(random_state).choice(n, size=m, replace=False))
+    rs = check_random_state(random_state)
+    if n_ref == n:
+        return _silhouette_against_all(X, labels, counts, k, m, rs, confidence, dtype,
+                                       split_every)
+    ref_rows = np.sort(rs.choice(n, size=n_ref, replace=False))
+    scored = np.sort(rs.choice(n_ref, size=m, replace=False))
+    groups = rs.permutation(n_ref) % JACKKNIFE_GROUPS
+    # The reference rows stay on the workers; only the scored rows travel (as a constant).
+    ref_x = take_rows(X, ref_rows).rechunk({0: _REFERENCE_BLOCK}).persist()
+    ref_labels = np.asarray(take_rows(labels, ref_rows).compute(), dtype=np.int64)
+    sample = np.asarray(take_rows(ref_x, scored).compute())
+    # one column per (group, cluster): one pass gives every jackknife replicate's sums
+    columns = groups * k + ref_labels
+    parts = block_partials(
+        _k_reference_sums, ref_x, da.from_array(columns, chunks=(ref_x.chunks[0],)),
+        consts=(_augmented(sample, dtype, left=True), JACKKNIFE_GROUPS * k, dtype),
+        out_shape=(m, JACKKNIFE_GROUPS * k),
+    )
+    group_sums = tree_sum(parts, split_every).compute().reshape(m, JACKKNIFE_GROUPS, k)
+    group_counts = np.bincount(columns, minlength=JACKKNIFE_GROUPS * k).reshape(
+        JACKKNIFE_GROUPS, k).astype(np.float64)
+    sums, ref_counts = group_sums.sum(axis=1), group_counts.sum(axis=0)
+    own = ref_labels[scored]
+    mean = float(_silhouette_from_sums(sums, own, ref_counts).mean())
+    replicates = []
+    for g in range(JACKKNIFE_GROUPS):
+        keep = groups[scored] != g
+        replicates.append(_silhouette_from_sums(
+            sums[keep] - group_sums[keep, g], own[keep], ref_counts - group_counts[g]).mean())
+    reps = np.asarray(replicates)
+    var = (JACKKNIFE_GROUPS - 1) / JACKKNIFE_GROUPS * float(((reps - reps.mean()) ** 2).sum())
+    half = norm.ppf(0.5 + confidence / 2) * math.sqrt(var)
+    return SilhouetteEstimate(mean, mean - half, mean + half, m, n, "sampled", confidence,
+                              n_ref)
+
+
+def _silhouette_against_all(
+    X: da.Array, labels: da.Array, counts: np.ndarray, k: int, m: int,
+    rs: np.random.RandomState, confidence: float, dtype: Any, split_every: int,
+) -> SilhouetteEstimate:
+    """The exact silhouette of ``m`` random rows (every row is the reference)."""
+    n = X.shape[0]
+    rows = np.sort(rs.choice(n, size=m, replace=False))
     sample, sample_labels = dask.compute(take_rows(X, rows), take_rows(labels, rows))
     parts = block_partials(
         _k_sample_sums, X, labels, consts=(np.asarray(sample), k, dtype), out_shape=(m, k),
@@ -363,16 +454,16 @@ def silhouette_sampled(
     s = _silhouette_from_sums(sums, np.asarray(sample_labels, dtype=np.int64), counts)
     mean = float(s.mean())
     if m == n:
-        return SilhouetteEstimate(mean, mean, mean, m, n, "exact", confidence)
+        return SilhouetteEstimate(mean, mean, mean, m, n, "exact", confidence, n)
     half = norm.ppf(0.5 + confidence / 2) * s.std(ddof=1) / math.sqrt(m) * math.sqrt(1 - m / n)
-    lo, hi = float(mean - half), float(mean + half)
-    return SilhouetteEstimate(mean, lo, hi, m, n, "sampled", confidence)
+    return SilhouetteEstimate(mean, float(mean - half), float(mean + half), m, n, "sampled",
+                              confidence, n)
 
 
 def silhouette(
     X: Any, labels: Any, mode: Literal["auto", "exact", "sampled"] = "auto", *,
-    exact_max_rows: int = 100_000, sample_size: int = 10_000, random_state: Any = None,
-    confidence: float = 0.95, dtype: Any = np.float64,
+    exact_max_rows: int = 100_000, sample_size: int = 10_000, reference_size: int = 50_000,
+    random_state: Any = None, confidence: float = 0.95, dtype: Any = np.float64,
 ) -> SilhouetteEstimate:
     """Silhouette, exact or sampled.
 
@@ -387,6 +478,9 @@ def silhouette(
         the measured times at 70,000 rows.
     sample_size : int, default=10_000
         Rows scored by the sampled estimate.
+    reference_size : int, default=50_000
+        Rows the sampled estimate takes the mean distances over
+        (see :func:`silhouette_sampled`).
     random_state : int, RandomState or None
         Seed of the sample.
     confidence : float, default=0.95
@@ -402,8 +496,9 @@ def silhouette(
     n = X.shape[0]
     if mode == "exact" or (mode == "auto" and n <= exact_max_rows):
         value = silhouette_exact(X, labels, dtype=dtype)
-        return SilhouetteEstimate(value, value, value, n, n, "exact", confidence)
-    return silhouette_sampled(X, labels, sample_size, random_state, confidence, dtype=dtype)
+        return SilhouetteEstimate(value, value, value, n, n, "exact", confidence, n)
+    return silhouette_sampled(X, labels, sample_size, random_state, confidence,
+                              reference_size=reference_size, dtype=dtype)
 
 
 # --- external scores -------------------------------------------------------------------

@@ -95,7 +95,8 @@ def test_silhouette_rejects_single_label():
 def test_sampled_silhouette_scores_each_row_exactly(real_clustered):
     X, labels, _ = real_clustered
     dX = da.from_array(X, chunks=(1000, 784))
-    est = metrics.silhouette_sampled(dX, labels, sample_size=400, random_state=0)
+    est = metrics.silhouette_sampled(dX, labels, sample_size=400, random_state=0,
+                                     reference_size=len(X))
     # the rows drawn, recomputed with scikit-learn against the full data
     rows = np.sort(np.random.RandomState(0).choice(len(X), size=400, replace=False))
     per_row = silhouette_samples(X.astype(np.float64), labels)
@@ -105,9 +106,34 @@ def test_sampled_silhouette_scores_each_row_exactly(real_clustered):
     exact = per_row.mean()
     assert est.ci_low <= exact <= est.ci_high
     # finite-population correction: the interval shrinks to nothing with the whole data
-    full = metrics.silhouette_sampled(dX, labels, sample_size=len(X), random_state=0)
+    full = metrics.silhouette_sampled(dX, labels, sample_size=len(X), random_state=0,
+                                      reference_size=len(X))
     assert full.method == "exact" and full.ci_low == full.ci_high
     assert full.value == pytest.approx(exact, abs=1e-9)
+
+
+def test_sampled_silhouette_against_a_reference_sample_equals_sklearn(real_clustered):
+    X, labels, _ = real_clustered
+    dX = da.from_array(X, chunks=(700, 784))
+    est = metrics.silhouette_sampled(dX, labels, sample_size=300, reference_size=1500,
+                                     random_state=3, dtype=np.float64)
+    # the same draws, scored by scikit-learn on the reference rows alone
+    rs = np.random.RandomState(3)
+    ref = np.sort(rs.choice(len(X), size=1500, replace=False))
+    scored = np.sort(rs.choice(1500, size=300, replace=False))
+    per_row = silhouette_samples(X[ref].astype(np.float64), labels[ref])
+    assert est.value == pytest.approx(per_row[scored].mean(), abs=1e-9)
+    assert (est.method, est.sample_size, est.reference_size, est.n_rows) == (
+        "sampled", 300, 1500, len(X))
+    # the jackknife interval: around the value, and covering the full data's silhouette
+    assert est.ci_low < est.value < est.ci_high
+    exact = silhouette_samples(X.astype(np.float64), labels).mean()
+    assert est.ci_low <= exact <= est.ci_high
+    assert est.ci_high - est.ci_low < 0.1
+    # float32 products (the job's default) move the value by rounding only
+    est32 = metrics.silhouette_sampled(dX, labels, sample_size=300, reference_size=1500,
+                                       random_state=3, dtype=np.float32)
+    assert est32.value == pytest.approx(est.value, abs=1e-5)
 
 
 def test_silhouette_mode_choice(real_clustered):

@@ -86,11 +86,13 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
     if spec.silhouette != "off":
         estimate = silhouette(features, result.labels, mode=spec.silhouette,
                               exact_max_rows=spec.exact_silhouette_max_rows,
-                              sample_size=spec.silhouette_sample_size, random_state=seed,
+                              sample_size=spec.silhouette_sample_size,
+                              reference_size=spec.silhouette_reference_size, random_state=seed,
                               dtype=np.dtype(spec.silhouette_precision))
         row.update(silhouette=estimate.value, silhouette_method=estimate.method,
                    silhouette_ci_low=estimate.ci_low, silhouette_ci_high=estimate.ci_high,
-                   silhouette_sample_size=estimate.sample_size)
+                   silhouette_sample_size=estimate.sample_size,
+                   silhouette_reference_size=estimate.reference_size)
     n_classes = len(LABEL_NAMES)
     # Unlabelled rows (-1) go to an extra row of the table, dropped before scoring.
     true = da.where(data.label < 0, n_classes, data.label).astype(np.int64)

@@ -240,7 +240,10 @@ def _method_scores(row: pd.Series) -> list[list[Any]]:
         how = row.get("silhouette_method")
         detail = [how] if isinstance(how, str) and how else []
         if how == "sampled":
-            detail.append(f"{num(row.get('silhouette_sample_size'))} rows, 95% CI "
+            reference = row.get("silhouette_reference_size")
+            against = (f" against {num(reference)}"
+                       if reference is not None and not pd.isna(reference) else "")
+            detail.append(f"{num(row.get('silhouette_sample_size'))} rows{against}, 95% CI "
                           f"{num(row.get('silhouette_ci_low'))} to "
                           f"{num(row.get('silhouette_ci_high'))}")
         detail.append(f"on {row.get('features')}")
