@@ -1,7 +1,8 @@
 """Exploration stage: sample images, class counts, pixel histogram, mean and std.
 
-Everything is reduced on the workers (per-block histograms and sums); only the nine
-sample images, the counts and the histogram reach the client.
+Everything is reduced on the workers (per-block counts of the 256 byte values, from which
+the histogram, mean and std follow exactly); only the nine sample images and the counts
+reach the client.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dask.array as da
 import numpy as np
 
 from fmnist_dask import plots, runfiles
+from fmnist_dask._blocks import block_partials, tree_sum
 from fmnist_dask.config import EdaSpec
 from fmnist_dask.schema import LABEL_NAMES
 from fmnist_dask.stages.clean import CleanData
@@ -22,6 +24,45 @@ from fmnist_dask.stages.clean import CleanData
 def label_name(label: int) -> str:
     """Class name of a label id, or ``"unlabelled"`` for -1."""
     return LABEL_NAMES[label] if 0 <= label < len(LABEL_NAMES) else "unlabelled"
+
+
+def _k_value_counts(xb: np.ndarray, **_: Any) -> np.ndarray:
+    """How often each byte value 0..255 occurs in a block of uint8 pixels."""
+    flat = xb.reshape(-1)
+    counts = np.zeros(256, dtype=np.int64)
+    step = 256 * xb.shape[1]  # bincount's int64 copy of 256 rows stays in cache
+    for s in range(0, flat.size, step):
+        counts += np.bincount(flat[s : s + step], minlength=256)
+    return counts
+
+
+def pixel_statistics(value_counts: np.ndarray, bins: int
+                     ) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Mean, std and histogram of the scaled pixels from the counts of their byte values.
+
+    Parameters
+    ----------
+    value_counts : numpy.ndarray of shape (256,)
+        How many pixels hold each stored value 0..255.
+    bins : int
+        Equal-width histogram bins over [0, 1].
+
+    Returns
+    -------
+    mean, std : float
+        Of the scaled values (float32 ``v / 255``, as the models see them), over all pixels.
+    counts : numpy.ndarray of shape (bins,), int64
+    edges : numpy.ndarray of shape (bins + 1,)
+        ``numpy.histogram`` of every scaled pixel, bin for bin: each value falls in the
+        bin numpy puts it in, counted as often as it occurs.
+    """
+    scaled = np.arange(256, dtype=np.float32) / np.float32(255)
+    weights = value_counts.astype(np.float64)
+    n_values = weights.sum()
+    mean = float((weights * scaled).sum() / n_values)
+    var = float((weights * (scaled.astype(np.float64) - mean) ** 2).sum() / n_values)
+    hist, edges = np.histogram(scaled, bins=bins, range=(0.0, 1.0), weights=value_counts)
+    return mean, float(np.sqrt(var)), hist.astype(np.int64), edges
 
 
 def explore(data: CleanData, splits: list[str], spec: EdaSpec, out_dir: Path, seed: int
@@ -34,10 +75,10 @@ def explore(data: CleanData, splits: list[str], spec: EdaSpec, out_dir: Path, se
         ``pixel_mean`` and ``pixel_std`` of the scaled pixels (over all pixels of all kept
         rows), ``class_counts`` per split (by class name), ``histogram`` counts and edges.
     """
-    pixels = data.pixels
-    total = pixels.astype(np.float64).sum()
-    total_sq = (pixels.astype(np.float64) ** 2).sum()
-    counts, edges = da.histogram(pixels, bins=spec.histogram_bins, range=(0.0, 1.0))
+    # Every statistic of the scaled pixels follows from how often each of the 256 stored
+    # byte values occurs: one count per block of the uint8 pixels, no float pass.
+    value_counts = tree_sum(block_partials(_k_value_counts, data.raw_pixels, out_shape=(256,),
+                                           dtype=np.int64))
     shifted = (data.label + 1).astype(np.int64)  # bin 0 holds unlabelled rows (-1)
     per_split = {
         s: da.bincount(shifted, weights=(data.split == s).astype(np.int64),
@@ -47,14 +88,9 @@ def explore(data: CleanData, splits: list[str], spec: EdaSpec, out_dir: Path, se
     rng = np.random.default_rng(seed)
     n_show = min(spec.sample_grid**2, data.n_rows)
     chosen = np.sort(rng.choice(data.n_rows, size=n_show, replace=False))
-    # One submission: computing the sample images apart made the scheduler see the scaled
-    # pixel blocks twice under the same keys with different fusion (a run_spec warning).
-    total, total_sq, counts, per_split, images, labels, sample_ids = dask.compute(
-        total, total_sq, counts, per_split, pixels[chosen], data.label[chosen],
-        data.row_id[chosen])
-    n_values = data.n_rows * pixels.shape[1]
-    mean = total / n_values
-    std = float(np.sqrt(max(total_sq / n_values - mean**2, 0.0)))
+    value_counts, per_split, images, labels, sample_ids = dask.compute(
+        value_counts, per_split, data.pixels[chosen], data.label[chosen], data.row_id[chosen])
+    mean, std, counts, edges = pixel_statistics(value_counts, spec.histogram_bins)
     plots.image_grid(images, [label_name(int(v)) for v in labels], spec.sample_grid,
                      out_dir / runfiles.SAMPLE_IMAGES, "Random sample of cleaned images")
     names = [*LABEL_NAMES, "unlabelled"]
