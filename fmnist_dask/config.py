@@ -185,6 +185,9 @@ class ScoreSpec(_Strict):
     silhouette: Literal["auto", "exact", "sampled", "off"] = "auto"
     exact_silhouette_max_rows: int = Field(default=100_000, ge=2)
     silhouette_sample_size: int = Field(default=10_000, ge=2)
+    #: Rows the sampled silhouette's mean distances are taken over: its cost stays the same
+    #: at any data size (metrics.silhouette_sampled).
+    silhouette_reference_size: int = Field(default=50_000, ge=2)
     #: Precision of the distance products: float32 takes half the time of float64 and moves
     #: the silhouette by ~1e-7 on Fashion-MNIST (docs/benchmarks.md); totals are float64.
     silhouette_precision: Literal["float32", "float64"] = "float32"
@@ -216,9 +219,10 @@ class JobSpec(_Strict):
     output_dir: str = "outputs"
     #: Keep the cleaned pixels (uint8) in worker memory when they take at most this many
     #: bytes (and a quarter of the workers' memory); larger data streams from parquet, so
-    #: memory stays flat as the data grows. 256 MiB keeps up to ~4x Fashion-MNIST; raise it
-    #: to trade memory for speed (docs/benchmarks.md has 16x measured both ways).
-    persist_max_bytes: int = Field(default=256 << 20, ge=0)
+    #: memory stays flat as the data grows. 1 GiB keeps up to ~19x Fashion-MNIST (16x:
+    #: 0.88 GB, read once instead of on each of k-means' ~60 passes); lower it to trade
+    #: speed for memory (docs/benchmarks.md has 16x measured both ways).
+    persist_max_bytes: int = Field(default=1 << 30, ge=0)
     augment: AugmentSpec = AugmentSpec()
     data: DataSpec = DataSpec()
     clean: CleanSpec = CleanSpec()
