@@ -129,14 +129,15 @@ def rows_in_sample(sample_indices: np.ndarray, n_rows: int,
     return sample_indices[where] == positions, where
 
 
-def validate_rows(estimator: Any, X: Any, reset: bool) -> da.Array:
-    """X as a row-chunked float dask array; records or checks ``n_features_in_``.
+def validate_rows(estimator: Any, X: Any, reset: bool, cast: bool = True) -> da.Array:
+    """X as a row-chunked dask array; records or checks ``n_features_in_``.
 
-    Integer data (pixels) is cast to float32. ``reset=True`` (in ``fit``) records the
-    number of features on ``estimator``; otherwise X must have that many.
+    Integer data (pixels) is cast to float32 unless ``cast`` is false (for estimators
+    whose kernels convert it themselves). ``reset=True`` (in ``fit``) records the number
+    of features on ``estimator``; otherwise X must have that many.
     """
     X = as_row_chunked(X)
-    if not np.issubdtype(X.dtype, np.floating):
+    if cast and not np.issubdtype(X.dtype, np.floating):
         X = X.astype(np.float32)
     if reset:
         estimator.n_features_in_ = X.shape[1]
@@ -423,7 +424,9 @@ def exact_sq_dists(xs: np.ndarray, centers: np.ndarray, labels: np.ndarray) -> n
     ndarray of shape (rows,), float64
     """
     diff = scratch("exact_diff", xs.shape, np.float64)
-    np.take(centers, labels, axis=0, out=diff)
+    # mode="clip": with out= and the default "raise" numpy copies through a buffer (3x
+    # slower); the labels are valid centre indices by construction
+    np.take(centers, labels, axis=0, out=diff, mode="clip")
     np.subtract(xs, diff, out=diff)
     return np.einsum("ij,ij->i", diff, diff)
 

@@ -107,8 +107,10 @@ def _eda(job: JobState) -> StageOutput:
 
 
 def _kmeans_raw(job: JobState) -> StageOutput:
-    result, model = cluster.kmeans(job.features("pixels"), job.spec.kmeans, job.spec.seed,
-                                   "kmeans_raw", "pixels")
+    data, _ = job.outputs["clean"]
+    # the uint8 pixels, divided by 255 as the kernels read them: no float copy per pass
+    result, model = cluster.kmeans(data.raw_pixels, job.spec.kmeans, job.spec.seed,
+                                   "kmeans_raw", "pixels", divide_by=255.0)
     cluster.save_centroids(model.cluster_centers_, result.method, job.run.dir,
                            images=model.cluster_centers_)
     return result, result.scores

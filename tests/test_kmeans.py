@@ -215,3 +215,50 @@ def test_one_task_and_distributed_paths_identical(data, pca10, raw_subset, real_
     single = DaskKMeans(**params, n_jobs=1).fit(dX)
     np.testing.assert_array_equal(single.cluster_centers_, one.cluster_centers_)
     assert single.inertia_ == one.inertia_
+
+
+@pytest.mark.parametrize("max_local_bytes", [None, 0])  # in one task, across the workers
+def test_uint8_divided_in_the_kernels_equals_scaled_floats(max_local_bytes, real_arrays):
+    # The job fits the uint8 pixels with divide_by=255: each kernel converts the rows it
+    # reads. Same IEEE operations as scaling every block first, so the same fit bit for bit.
+    pixels = da.from_array(real_arrays["test"][0][:6000], chunks=(500, 784)).persist()
+    scaled = pixels.astype(np.float32) / np.float32(255)
+    params = dict(n_clusters=10, n_init=3, random_state=2, max_local_bytes=max_local_bytes)
+    lazy = DaskKMeans(**params, divide_by=255.0).fit(pixels)
+    eager = DaskKMeans(**params).fit(scaled)
+    np.testing.assert_array_equal(lazy.cluster_centers_, eager.cluster_centers_)
+    np.testing.assert_array_equal(lazy.inertia_per_run_, eager.inertia_per_run_)
+    assert lazy.n_iter_ == eager.n_iter_ and lazy.cluster_centers_.dtype == np.float32
+    np.testing.assert_array_equal(lazy.labels_.compute(), eager.labels_.compute())
+    np.testing.assert_array_equal(lazy.transform(pixels).compute(),
+                                  eager.transform(scaled).compute())
+    assert lazy.score(pixels) == eager.score(scaled)
+    # and the inertia is scikit-learn's on the scaled pixels
+    x = real_arrays["test"][0][:6000] / np.float32(255)
+    assert lazy.inertia_ == pytest.approx(
+        _true_inertia(x, lazy.labels_.compute(), lazy.cluster_centers_), rel=1e-9)
+
+
+def test_rows_converted_by_the_kernels_are_counted_alike_on_both_paths(real_arrays,
+                                                                         dask_client):
+    # k-means converts only the rows it reads; the stage's pixel_passes count those bytes,
+    # in the one-task fit (blocks on a thread pool) as across the workers.
+    from distributed import span
+
+    from fmnist_dask import passes
+
+    pixels = da.from_array(real_arrays["test"][0][:6000], chunks=(500, 784)).persist()
+    counted = {}
+    for path, max_local_bytes in (("one task", None), ("across", 0)):
+        with span(f"kmeans-{path}") as span_id:
+            model = DaskKMeans(n_clusters=10, n_init=3, random_state=2, divide_by=255.0,
+                               max_local_bytes=max_local_bytes).fit(pixels)
+            model.labels_.compute()
+        counted[path] = passes.span_counts(dask_client, span_id)
+    assert counted["one task"] == counted["across"]
+    full = passes.summary(counted["across"], pixels.nbytes)["passes"]
+    # every row converted by: the moments, k-means|| (first distances + 5 rounds), the
+    # candidate weights, the first Lloyd step, the inertia and the labels; later Lloyd
+    # steps convert only rows whose bounds do not settle them
+    assert 10 <= full < 10 + model.n_iter_
+    assert counted["across"].get("read", 0) == 0

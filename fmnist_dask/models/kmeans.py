@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import dask
@@ -44,6 +45,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from fmnist_dask import passes
 from fmnist_dask._blocks import (
     SUB_ROWS,
     aligned_block,
@@ -88,6 +90,70 @@ def _min_sqdist(xs: np.ndarray, centers: np.ndarray) -> np.ndarray:
     d2 = _scores(xs, centers, _sqnorms(centers)).min(axis=1).astype(np.float64)
     d2 += np.einsum("ij,ij->i", xs, xs, dtype=np.float64)
     return np.maximum(d2, 0.0, out=d2)
+
+
+# --- the rows a kernel reads ------------------------------------------------------------
+
+
+class _Rows:
+    """A block's rows as the kernels see them: ``X / divide_by`` in float, on access.
+
+    Kernels index it like an array (slices, row indices, masks; ``take`` into a scratch
+    buffer) and get float rows: a view when X is float and ``divide_by`` is 1, else the
+    rows converted as they are read. Integer pixels are thus never turned into a whole
+    float copy per pass: late Lloyd iterations read a few percent of the rows, and
+    converting a 10,000 x 784 block costs as much as reading it (docs/benchmarks.md).
+    The conversion is ``float32(x) / float32(divide_by)``, the same IEEE operations as
+    scaling the whole block first, so results do not depend on where it happens.
+    """
+
+    __slots__ = ("raw", "divide_by", "dtype")
+
+    def __init__(self, raw: np.ndarray, divide_by: float = 1.0) -> None:
+        self.raw = aligned_block(raw)
+        self.divide_by = divide_by
+        self.dtype = float_dtype(raw.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.raw.shape
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def _convert(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if x.dtype == self.dtype and self.divide_by == 1.0:
+            return x
+        passes.note("scaled", x.nbytes)
+        y = np.empty(x.shape, self.dtype) if out is None else out
+        np.copyto(y, x, casting="unsafe")
+        if self.divide_by != 1.0:
+            y /= self.dtype.type(self.divide_by)
+        return y
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self._convert(self.raw[key])
+
+    def take(self, rows: np.ndarray, buffer: str) -> np.ndarray:
+        """The rows at valid indices ``rows``, in this thread's scratch ``buffer``."""
+        out = scratch(buffer, (len(rows), self.raw.shape[1]), self.dtype)
+        # mode="clip": with out= and the default "raise" numpy copies through a buffer
+        # (3x slower); the indices are valid by construction
+        if self.raw.dtype == self.dtype and self.divide_by == 1.0:
+            return np.take(self.raw, rows, axis=0, mode="clip", out=out)
+        return self._convert(np.take(self.raw, rows, axis=0, mode="clip"), out)
+
+
+def float_dtype(dtype: Any) -> np.dtype:
+    """The float dtype the kernels compute in: X's own, float32 for integer data."""
+    dtype = np.dtype(dtype)
+    return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float32)
+
+
+def _on_rows(kernel: Callable, divide_by: float, xb: np.ndarray, *args: Any, **kwargs: Any
+             ) -> Any:
+    """Call ``kernel`` on the block's rows as :class:`_Rows` (bind with functools.partial)."""
+    return kernel(_Rows(xb, divide_by), *args, **kwargs)
 
 
 # --- kernels (run on the workers, one call per row block) -------------------------------
@@ -187,7 +253,7 @@ def _k_bounded_assign(
     lab_cols = 1 + active
     if state is None:
         out = np.empty((n, 1 + (3 if bounded else 1) * runs))
-        out[:, 0] = np.einsum("ij,ij->i", xb, xb, dtype=np.float64) if bounded else 0.0
+        out[:, 0] = 0.0  # with bounds: the rows' squared norms, set below
     else:
         out = state.copy()  # the previous state is still read by the moves kernel
     if not bounded:
@@ -208,10 +274,11 @@ def _k_bounded_assign(
     xnorm = out[:, 0]
     for s in range(0, len(todo), SUB_ROWS):
         idx = todo[s : s + SUB_ROWS]
-        if state is None:  # every row, in order: a view, no copy
+        if state is None:  # every row, in order
             xs = xb[s : s + SUB_ROWS]
+            xnorm[s : s + SUB_ROWS] = np.einsum("ij,ij->i", xs, xs, dtype=np.float64)
         else:
-            xs = np.take(xb, idx, axis=0, out=scratch("rows", (len(idx), xb.shape[1]), xb.dtype))
+            xs = xb.take(idx, "rows")
         d2 = scratch("d2", (len(idx), n_act * k), np.float64)
         d2[:] = _scores(xs, centers, c_sqnorm)  # float32 product, float64 from here
         d2 += xnorm[idx, None]
@@ -256,7 +323,7 @@ def _k_moves(
         w[r_in, new_l[idx][r_in, c_in] + offsets[c_in]] = 1
         r_out, c_out = np.nonzero(mv & (old_l[idx] >= 0))
         w[r_out, old_l[idx][r_out, c_out] + offsets[c_out]] = -1
-        xs = np.take(xb, idx, axis=0, out=scratch("rows", (len(idx), d), xb.dtype))
+        xs = xb.take(idx, "rows")
         # float32 BLAS over <= SUB_ROWS rows (weights +-1), float64 across sub-blocks.
         out[:, :d] += w.T @ xs
         out[:, d] += w.sum(axis=0, dtype=np.float64)
@@ -279,7 +346,6 @@ def _k_step(
     """
     *old, consts, k = args  # no state on the first step
     state = old[0] if old else None
-    xb = aligned_block(xb)
     new = _k_bounded_assign(xb, state, *consts)
     return new, _k_moves(xb, state, new, k, consts[6])
 
@@ -307,11 +373,16 @@ def _k_farthest(
     labels = np.concatenate(
         [_nearest(xb[s : s + SUB_ROWS], centers, c_sqnorm) for s in range(0, len(xb), SUB_ROWS)]
     )
-    diff = xb.astype(np.float64) - centers[labels]
+    x = xb[:]
+    diff = x.astype(np.float64) - centers[labels]
     d2 = np.einsum("ij,ij->i", diff, diff)
     rows = np.arange(len(xb)) + row_offset
     order = np.lexsort((rows, -d2))[:m]  # farthest first, ties by row id: deterministic
-    return np.column_stack([d2[order], rows[order], labels[order], xb[order]])
+    return np.column_stack([d2[order], rows[order], labels[order], x[order]])
+
+
+def _divided(xb: np.ndarray, divide_by: float) -> np.ndarray:
+    return _Rows(xb, divide_by)[:]
 
 
 def _k_predict(xb: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.ndarray:
@@ -322,8 +393,8 @@ def _k_predict(xb: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.
     ).astype(np.int32)
 
 
-def _k_transform(xb: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    return euclidean_distances(xb, centers)
+def _k_transform(xb: _Rows, centers: np.ndarray) -> np.ndarray:
+    return euclidean_distances(xb[:], centers)
 
 
 def _half_gaps(centers: np.ndarray) -> np.ndarray:
@@ -345,7 +416,7 @@ def _moves_of(step: tuple) -> np.ndarray:
 
 
 def _lloyd_step(
-    X: da.Array, state: da.Array | None, consts: tuple, width: int, k: int
+    X: da.Array, state: da.Array | None, consts: tuple, width: int, k: int, divide_by: float,
 ) -> tuple[da.Array, da.Array]:
     """The lazy new state (n, width) and per-block moves (n_blocks, runs * k * (d + 1)) of
     one Lloyd step, computed by one :func:`_k_step` task per block of X.
@@ -360,7 +431,7 @@ def _lloyd_step(
     # alignment): no contracted index, which lets dask fuse a lazy X into the step.
     old = () if state is None else (state, "ij")
     step = da.blockwise(
-        _k_step, "ij", X, "ij", *old, consts, None, k, None,
+        partial(_on_rows, _k_step, divide_by), "ij", X, "ij", *old, consts, None, k, None,
         adjust_chunks={"j": width}, align_arrays=False, dtype=np.float64,
         meta=np.empty((0, 0), dtype=np.float64),
     )
@@ -387,7 +458,7 @@ def _call_vector(
     xb: np.ndarray, *blocks: np.ndarray, kernel: Callable, consts: tuple
 ) -> np.ndarray:
     # aligned vectors travel as (rows, 1) columns (see _blocks._call_kernel)
-    return kernel(aligned_block(xb), *[b[:, 0] for b in blocks], *consts)
+    return kernel(xb, *[b[:, 0] for b in blocks], *consts)
 
 
 class _ClusterPasses:
@@ -397,10 +468,13 @@ class _ClusterPasses:
     per-block partials (reduced by :func:`ordered_tree`) and small selections come back.
     """
 
-    def __init__(self, X: da.Array, split_every: int) -> None:
-        self.X, self.split_every = X, split_every
+    def __init__(self, X: da.Array, split_every: int, divide_by: float) -> None:
+        self.X, self.split_every, self.divide_by = X, split_every, divide_by
         self.n, self.d = X.shape
-        self.dtype = X.dtype
+        self.dtype = float_dtype(X.dtype)
+
+    def _rows(self, kernel: Callable) -> Callable:
+        return partial(_on_rows, kernel, self.divide_by)
 
     def _finish(self, partials: da.Array) -> np.ndarray:
         return sum_rows_in_order(np.asarray(partials.compute()))[0]
@@ -410,7 +484,8 @@ class _ClusterPasses:
         out_shape: tuple[int, ...] = (),
     ) -> np.ndarray:
         """Sum over the blocks of ``kernel``'s partials (see :func:`block_partials`)."""
-        parts = block_partials(kernel, self.X, *aligned, consts=consts, out_shape=out_shape)
+        parts = block_partials(self._rows(kernel), self.X, *aligned, consts=consts,
+                               out_shape=out_shape)
         return self._finish(ordered_tree(parts, self.split_every))
 
     def rows(
@@ -419,13 +494,15 @@ class _ClusterPasses:
     ) -> np.ndarray:
         """The blocks' selected rows, concatenated in block order (see :func:`block_rows`)."""
         return np.asarray(
-            block_rows(kernel, self.X, *aligned, consts=consts, width=width, dtype=dtype)
+            block_rows(self._rows(kernel), self.X, *aligned, consts=consts, width=width,
+                       dtype=dtype)
             .compute()
         )
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows of X at the sorted positions ``rows``."""
-        return np.asarray(take_rows(self.X, rows).compute())
+        taken = take_rows(self.X, rows)
+        return np.asarray(taken.map_blocks(_divided, self.divide_by, dtype=self.dtype).compute())
 
     def vector(
         self, kernel: Callable, *aligned: da.Array, consts: tuple = ()
@@ -433,7 +510,7 @@ class _ClusterPasses:
         """A per-row float64 vector computed and kept on the workers, and its total."""
         v = da.map_blocks(
             _call_vector, self.X, *[a[:, None] for a in aligned], drop_axis=1,
-            dtype=np.float64, kernel=kernel, consts=shared_consts(consts),
+            dtype=np.float64, kernel=self._rows(kernel), consts=shared_consts(consts),
         )
         parts = v.map_blocks(_vector_total, chunks=((1,) * v.numblocks[0],), dtype=np.float64)
         # one submission: the vector stays on the workers, only its partial totals return
@@ -444,7 +521,7 @@ class _ClusterPasses:
         self, state: da.Array | None, consts: tuple, width: int, k: int
     ) -> tuple[da.Array, np.ndarray]:
         """One Lloyd step: the new state (kept on the workers) and the summed moves."""
-        new, parts = _lloyd_step(self.X, state, consts, width, k)
+        new, parts = _lloyd_step(self.X, state, consts, width, k, self.divide_by)
         # One submission: the new state stays on the workers, only the moves come back.
         new, parts = dask.persist(new, ordered_tree(parts, self.split_every))
         return new, self._finish(parts)
@@ -459,14 +536,15 @@ class _LocalPasses:
     release the GIL, so blocks are processed in parallel without changing any sum).
     """
 
-    def __init__(self, blocks: list[np.ndarray], split_every: int, map_: Callable) -> None:
+    def __init__(self, blocks: list[np.ndarray], split_every: int, map_: Callable,
+                 divide_by: float) -> None:
         # aligned once here; the distributed path aligns in every kernel call instead
-        self.blocks = [aligned_block(b) for b in blocks]
+        self.blocks = [_Rows(b, divide_by) for b in blocks]
         self.split_every, self._map = split_every, map_
         sizes = [len(b) for b in blocks]
         self.offsets = [0, *np.cumsum(sizes).tolist()]
         self.n, self.d = self.offsets[-1], blocks[0].shape[1]
-        self.dtype = blocks[0].dtype
+        self.dtype = self.blocks[0].dtype
 
     def _each(self, fn: Callable[[int], Any]) -> list:
         return list(self._map(fn, range(len(self.blocks))))
@@ -494,7 +572,7 @@ class _LocalPasses:
     def take(self, rows: np.ndarray) -> np.ndarray:
         block = np.searchsorted(self.offsets, rows, side="right") - 1
         return np.stack([self.blocks[b][r - self.offsets[b]]
-                         for b, r in zip(block.tolist(), rows.tolist(), strict=True)])
+                         for b, r in zip(block.tolist(), rows.tolist(), strict=True)]).copy()
 
     def vector(
         self, kernel: Callable, *aligned: list[np.ndarray], consts: tuple = ()
@@ -535,9 +613,12 @@ def _fit_in_one_task(
     threads = max(1, min(n_jobs, len(blocks)))
     with threadpool_limits(limits=1, user_api="blas"):
         if threads == 1:
-            return est._fit_passes(_LocalPasses(blocks, est.split_every, map), rs)
+            return est._fit_passes(_LocalPasses(blocks, est.split_every, map, est.divide_by), rs)
         with ThreadPoolExecutor(threads) as pool:
-            return est._fit_passes(_LocalPasses(blocks, est.split_every, pool.map), rs)
+            def map_(fn: Callable, items: Iterable) -> Iterable:
+                return pool.map(passes.carried(fn), items)  # count conversions for the stage
+
+            return est._fit_passes(_LocalPasses(blocks, est.split_every, map_, est.divide_by), rs)
 
 
 # --- the estimator --------------------------------------------------------------------
@@ -581,9 +662,10 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         Seed of every random draw.
     split_every : int, default=8
         Fan-in of the tree reductions.
-    max_local_bytes : int or None, default=256 MiB
-        X of at most this many bytes (``X.nbytes`` after integer data is cast to float32)
-        is fitted inside one task on one worker: its blocks are gathered there and
+    max_local_bytes : int or None, default=1 GiB
+        X of at most this many bytes as stored (``X.nbytes``: uint8 pixels one byte per
+        value, since the kernels convert rows as they read them) is fitted inside one
+        task on one worker, with every core of that machine: its blocks are gathered there and
         initialisation, all Lloyd iterations of all runs and the inertia run without a
         scheduler round trip. Larger X is fitted across the workers, one round trip per
         pass, without ever gathering it. Both paths run the same kernels on the same
@@ -594,6 +676,11 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         Threads of a fit inside one task (row blocks processed in parallel, one BLAS
         thread each); None uses every CPU of the worker's machine. Results do not depend
         on it; parallelism is at most the number of row blocks.
+    divide_by : float, default=1.0
+        X is fitted, predicted and scored as ``X / divide_by`` (in float32 for integer X,
+        else X's dtype), each row converted when a kernel reads it: uint8 pixels with
+        ``divide_by=255`` are clustered as pixels in [0, 1] without a float copy of the
+        data per pass. Centres, inertia and distances are in those divided units.
 
     Attributes
     ----------
@@ -628,8 +715,9 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         tol: float = 1e-4,
         random_state: int | np.random.RandomState | None = None,
         split_every: int = 8,
-        max_local_bytes: int | None = 256 * 2**20,
+        max_local_bytes: int | None = 2**30,
         n_jobs: int | None = None,
+        divide_by: float = 1.0,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -642,6 +730,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.split_every = split_every
         self.max_local_bytes = max_local_bytes
         self.n_jobs = n_jobs
+        self.divide_by = divide_by
 
     # -- public API -------------------------------------------------------------------
 
@@ -677,7 +766,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             fitted = on_worker(_fit_in_one_task, type(self), self.get_params(), self._n_init,
                                rs, X.to_delayed().ravel().tolist())
         else:
-            fitted = self._fit_passes(_ClusterPasses(X, self.split_every), rs)
+            fitted = self._fit_passes(_ClusterPasses(X, self.split_every, self.divide_by), rs)
         for name, value in fitted.items():
             setattr(self, name, value)
         self.labels_ = self.predict(X)
@@ -697,8 +786,9 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "cluster_centers_")
         X = self._validate(X)
-        c = self.cluster_centers_.astype(X.dtype)
-        return X.map_blocks(_k_predict, c, _sqnorms(c), drop_axis=1, dtype=np.int32)
+        c = self.cluster_centers_.astype(float_dtype(X.dtype))
+        return X.map_blocks(partial(_on_rows, _k_predict, self.divide_by), c, _sqnorms(c),
+                            drop_axis=1, dtype=np.int32)
 
     def fit_predict(self, X: Any, y: None = None) -> da.Array:
         """Fit and return ``labels_`` (lazy dask array, int32)."""
@@ -719,21 +809,25 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self, "cluster_centers_")
         X = self._validate(X)
         k = self.n_clusters
+        dtype = float_dtype(X.dtype)
         return X.map_blocks(
-            _k_transform, self.cluster_centers_.astype(X.dtype), chunks=(X.chunks[0], (k,)),
-            dtype=X.dtype,
+            partial(_on_rows, _k_transform, self.divide_by), self.cluster_centers_.astype(dtype),
+            chunks=(X.chunks[0], (k,)), dtype=dtype,
         )
 
     def score(self, X: Any, y: None = None) -> float:
         """Opposite of the inertia of X under the fitted centres (scikit-learn's sign)."""
         from fmnist_dask.metrics import sum_of_squares
 
-        return -sum_of_squares(X, self.predict(X), self.cluster_centers_)
+        X = self._validate(X)
+        divided = X.map_blocks(_divided, self.divide_by, dtype=float_dtype(X.dtype))
+        return -sum_of_squares(divided, self.predict(X), self.cluster_centers_)
 
     # -- internals --------------------------------------------------------------------
 
     def _validate(self, X: Any, reset: bool = False) -> da.Array:
-        return validate_rows(self, X, reset)
+        # integer X stays as it is: the kernels convert the rows they read (_Rows)
+        return validate_rows(self, X, reset, cast=False)
 
     def _resolve_n_init(self, n_features: int) -> int:
         if not isinstance(self.init, str):

@@ -25,15 +25,15 @@ from fmnist_dask.results import ClusterResult
 from fmnist_dask.sampling import Sample, take_rows
 
 
-def kmeans(X: da.Array, spec: KMeansSpec, seed: int, method: str, features: str
-           ) -> tuple[ClusterResult, DaskKMeans]:
-    """Fit :class:`DaskKMeans` (k-means|| then Lloyd) on ``X`` and label every row.
+def kmeans(X: da.Array, spec: KMeansSpec, seed: int, method: str, features: str,
+           divide_by: float = 1.0) -> tuple[ClusterResult, DaskKMeans]:
+    """Fit :class:`DaskKMeans` (k-means|| then Lloyd) on ``X / divide_by``; label every row.
 
     The labels are persisted on the workers: every later score and artefact reuses them.
     """
     start = time.perf_counter()
     model = DaskKMeans(n_clusters=spec.n_clusters, max_iter=spec.max_iter, tol=spec.tol,
-                       random_state=seed).fit(X)
+                       random_state=seed, divide_by=divide_by).fit(X)
     labels = model.labels_.persist()
     da.compute(labels.sum())  # wait, so the wall time covers labelling too
     result = ClusterResult(
