@@ -121,7 +121,7 @@ def _reduce(job: JobState) -> StageOutput:
     reduction, summary = reduce.reduce(data.pixels, data.row_id, job.spec.reduce, job.run.dir)
     job.manifest["pca"] = summary
     # The projection, kept on the workers, and the PCA (its inverse shows k-means centres).
-    return (reduction.projected.persist(), reduction.pca), {
+    return (reduction.projected, reduction.pca), {
         "cumulative_explained_variance": summary["cumulative_explained_variance"]}
 
 

@@ -58,10 +58,25 @@ def _k_scatter(xb: np.ndarray, shift: np.ndarray, **_: Any) -> np.ndarray:
 def _k_transform(
     xb: np.ndarray, mean: np.ndarray, components: np.ndarray, scale: np.ndarray | None
 ) -> np.ndarray:
-    z = (xb.astype(np.float64) - mean) @ components.T
-    if scale is not None:
-        z /= scale
-    return z.astype(xb.dtype, copy=False)
+    """(x - mean) @ components.T in float64 as x @ components.T - mean @ components.T,
+    by sub-blocks of rows converted into a reused float64 buffer.
+
+    Converting and centring the whole block first made two fresh float64 copies of it:
+    their page faults and passes cost 8x the product (docs/benchmarks.md, "Big data,
+    session 9").
+    """
+    out = np.empty((len(xb), len(components)), dtype=xb.dtype)
+    shift = mean @ components.T
+    for s in range(0, len(xb), SUB_ROWS):
+        xs = xb[s : s + SUB_ROWS]
+        x64 = scratch("pca_x64", xs.shape, np.float64)
+        x64[:] = xs
+        z = x64 @ components.T
+        z -= shift
+        if scale is not None:
+            z /= scale
+        out[s : s + SUB_ROWS] = z
+    return out
 
 
 def _k_inverse(

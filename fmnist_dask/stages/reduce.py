@@ -24,7 +24,7 @@ class Reduction:
     ----------
     pca : DaskPCA
     projected : dask.array, shape (n_rows, n_components), float32
-        Chunked like the cleaned pixels.
+        Chunked like the cleaned pixels, persisted on the workers.
     """
 
     pca: DaskPCA
@@ -46,7 +46,9 @@ def reduce(pixels: da.Array, row_id: da.Array, spec: ReduceSpec, out_dir: Path
         Summary for the manifest (explained variance ratios, cumulative total).
     """
     pca = DaskPCA(n_components=spec.n_components).fit(pixels)
-    projected = pca.transform(pixels).astype(np.float32)
+    # Persisted before it is written: the parquet files and every later stage read the
+    # same blocks, projected once.
+    projected = pca.transform(pixels).astype(np.float32).persist()
     (out_dir / runfiles.EXPLAINED_VARIANCE).parent.mkdir(parents=True, exist_ok=True)
     ratio = np.asarray(pca.explained_variance_ratio_)
     pd.DataFrame(
