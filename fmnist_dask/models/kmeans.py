@@ -37,6 +37,7 @@ from typing import Any
 
 import dask
 import dask.array as da
+import numba
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.cluster import KMeans
@@ -74,8 +75,8 @@ def _scores(xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.nda
     The result is overwritten by the next call in the same thread.
     """
     out = scratch("scores", (len(xs), len(centers)), np.result_type(xs, centers))
-    np.matmul(xs, centers.T, out=out)
-    out *= -2
+    # x.(-2c) is -2(x.c) bit for bit (scaling by a power of two is exact): one pass less
+    np.matmul(xs, (centers * -2).T, out=out)
     out += c_sqnorm
     return out
 
@@ -85,10 +86,16 @@ def _nearest(xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.nd
     return _scores(xs, centers, c_sqnorm).argmin(axis=1)
 
 
-def _min_sqdist(xs: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Squared distance to the nearest centre, float64, via the BLAS expansion."""
+def _row_sqnorms(xs: np.ndarray) -> np.ndarray:
+    """Squared norms of the rows, float64."""
+    return np.einsum("ij,ij->i", xs, xs, dtype=np.float64)
+
+
+def _min_sqdist(xs: np.ndarray, centers: np.ndarray, xnorm: np.ndarray) -> np.ndarray:
+    """Squared distance to the nearest centre, float64, via the BLAS expansion
+    (``xnorm``: the rows' squared norms)."""
     d2 = _scores(xs, centers, _sqnorms(centers)).min(axis=1).astype(np.float64)
-    d2 += np.einsum("ij,ij->i", xs, xs, dtype=np.float64)
+    d2 += xnorm
     return np.maximum(d2, 0.0, out=d2)
 
 
@@ -107,12 +114,25 @@ class _Rows:
     scaling the whole block first, so results do not depend on where it happens.
     """
 
-    __slots__ = ("raw", "divide_by", "dtype")
+    __slots__ = ("raw", "divide_by", "dtype", "_norms")
 
     def __init__(self, raw: np.ndarray, divide_by: float = 1.0) -> None:
         self.raw = aligned_block(raw)
         self.divide_by = divide_by
         self.dtype = float_dtype(raw.dtype)
+        self._norms: dict[tuple[int, int], np.ndarray] = {}
+
+    def sqnorms(self, start: int, xs: np.ndarray) -> np.ndarray:
+        """Squared norms (float64) of ``xs``, the converted rows ``start:start+len(xs)``.
+
+        Kept for later passes: the one-task fit holds its blocks' ``_Rows`` for the whole
+        fit, and recomputing the norms in every k-means|| round took a tenth of it.
+        """
+        key = (start, len(xs))
+        norms = self._norms.get(key)
+        if norms is None:
+            norms = self._norms[key] = _row_sqnorms(xs)
+        return norms
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -126,9 +146,10 @@ class _Rows:
             return x
         passes.note("scaled", x.nbytes)
         y = np.empty(x.shape, self.dtype) if out is None else out
-        np.copyto(y, x, casting="unsafe")
-        if self.divide_by != 1.0:
-            y /= self.dtype.type(self.divide_by)
+        if self.divide_by == 1.0:
+            np.copyto(y, x, casting="unsafe")
+        else:  # one pass: numpy casts each value to the float dtype, then divides
+            np.divide(x, self.dtype.type(self.divide_by), out=y, dtype=self.dtype)
         return y
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -159,14 +180,15 @@ def _on_rows(kernel: Callable, divide_by: float, xb: np.ndarray, *args: Any, **k
 # --- kernels (run on the workers, one call per row block) -------------------------------
 
 
-def _k_min_sqdist(xb: np.ndarray, centers: np.ndarray) -> np.ndarray:
+def _k_min_sqdist(xb: _Rows, centers: np.ndarray) -> np.ndarray:
     out = np.empty(len(xb))
     for s in range(0, len(xb), SUB_ROWS):
-        out[s : s + SUB_ROWS] = _min_sqdist(xb[s : s + SUB_ROWS], centers)
+        xs = xb[s : s + SUB_ROWS]
+        out[s : s + SUB_ROWS] = _min_sqdist(xs, centers, xb.sqnorms(s, xs))
     return out
 
 
-def _k_update_min_sqdist(xb: np.ndarray, prev: np.ndarray, centers: np.ndarray) -> np.ndarray:
+def _k_update_min_sqdist(xb: _Rows, prev: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return np.minimum(prev, _k_min_sqdist(xb, centers))
 
 
@@ -207,6 +229,63 @@ def _k_candidate_counts(
     return counts
 
 
+# numpy's argmin and partition over a short last axis (k = 10 centres of a run) pay a
+# per-row overhead larger than their arithmetic: they took a third of a PCA-10 fit
+# (docs/benchmarks.md, "Big data, session 9"). These loops visit each score once. Same
+# results as numpy: the first index of the minimum, the same float64 operations.
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_argmin(scores: np.ndarray, k: int) -> np.ndarray:  # pragma: no cover (compiled)
+    """Index of the minimum within each group of ``k`` columns (the first on ties)."""
+    n, width = scores.shape
+    runs = width // k
+    out = np.empty((n, runs), dtype=np.int64)
+    for i in range(n):
+        for r in range(runs):
+            best = scores[i, r * k]
+            at = 0
+            for j in range(1, k):
+                v = scores[i, r * k + j]
+                if v < best:
+                    best = v
+                    at = j
+            out[i, r] = at
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_nearest_two(
+    scores: np.ndarray, xnorm: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover (compiled)
+    """Per row and group of ``k`` columns: the index of the smallest squared distance
+    ``max(float64(score) + xnorm, 0)`` (the first on ties), that distance and the
+    second smallest (inf for k = 1)."""
+    n, width = scores.shape
+    runs = width // k
+    label = np.empty((n, runs), dtype=np.int64)
+    first = np.empty((n, runs))
+    second = np.empty((n, runs))
+    for i in range(n):
+        xn = xnorm[i]
+        for r in range(runs):
+            b1 = np.inf
+            b2 = np.inf
+            at = 0
+            for j in range(k):
+                v = max(np.float64(scores[i, r * k + j]) + xn, 0.0)
+                if v < b1:
+                    b2 = b1
+                    b1 = v
+                    at = j
+                elif v < b2:
+                    b2 = v
+            label[i, r] = at
+            first[i, r] = b1
+            second[i, r] = b2
+    return label, first, second
+
+
 def _nearest_multi(
     xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray, runs: int
 ) -> np.ndarray:
@@ -215,7 +294,7 @@ def _nearest_multi(
     ``centers`` is (runs * k, d): one BLAS product serves all runs. Returns the nearest
     index within its run, shape (rows, runs).
     """
-    return _scores(xs, centers, c_sqnorm).reshape(len(xs), runs, -1).argmin(axis=2)
+    return _group_argmin(_scores(xs, centers, c_sqnorm), len(centers) // runs)
 
 
 # Per-row state of the Lloyd iterations, one float64 row per data row:
@@ -276,23 +355,16 @@ def _k_bounded_assign(
         idx = todo[s : s + SUB_ROWS]
         if state is None:  # every row, in order
             xs = xb[s : s + SUB_ROWS]
-            xnorm[s : s + SUB_ROWS] = np.einsum("ij,ij->i", xs, xs, dtype=np.float64)
+            xnorm[s : s + SUB_ROWS] = xb.sqnorms(s, xs)
         else:
             xs = xb.take(idx, "rows")
-        d2 = scratch("d2", (len(idx), n_act * k), np.float64)
-        d2[:] = _scores(xs, centers, c_sqnorm)  # float32 product, float64 from here
-        d2 += xnorm[idx, None]
-        np.maximum(d2, 0.0, out=d2)
-        d2 = d2.reshape(len(idx), n_act, k)
+        # float32 product, squared distances in float64 from here
+        label, first, second = _group_nearest_two(
+            _scores(xs, centers, c_sqnorm), np.ascontiguousarray(xnorm[idx]), k)
         rows = idx[:, None]
-        out[rows, lab_cols] = d2.argmin(axis=2)
-        if k > 1:
-            two = np.sqrt(np.partition(d2, 1, axis=2)[:, :, :2])
-            out[rows, up_cols] = two[:, :, 0] * (1 + _BOUND_SLACK)
-            out[rows, lo_cols] = two[:, :, 1] * (1 - _BOUND_SLACK)
-        else:
-            out[rows, up_cols] = np.sqrt(d2[:, :, 0]) * (1 + _BOUND_SLACK)
-            out[rows, lo_cols] = np.inf
+        out[rows, lab_cols] = label
+        out[rows, up_cols] = np.sqrt(first) * (1 + _BOUND_SLACK)
+        out[rows, lo_cols] = np.sqrt(second) * (1 - _BOUND_SLACK)
     return out
 
 
