@@ -22,7 +22,7 @@ from fmnist_dask.metrics import contingency, external_scores, silhouette
 from fmnist_dask.results import ClusterResult
 from fmnist_dask.sampling import choose_sample_indices, take_rows
 from fmnist_dask.schema import LABEL_NAMES
-from fmnist_dask.stages.clean import CleanData
+from fmnist_dask.stages.clean import CleanData, scale_pixels
 
 #: Rows drawn to find sample images of every cluster (only their labels travel).
 IMAGE_POOL = 5_000
@@ -54,15 +54,18 @@ def content_cluster_names(table: np.ndarray) -> list[str]:
     return names
 
 
-def _sample_images(pixels: da.Array, labels: da.Array, n_clusters: int, per_cluster: int,
+def _sample_images(raw_pixels: da.Array, labels: da.Array, n_clusters: int, per_cluster: int,
                    seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``per_cluster`` random images of every cluster; only those rows travel."""
-    pool = choose_sample_indices(pixels.shape[0], min(IMAGE_POOL, pixels.shape[0]), seed)
+    """Up to ``per_cluster`` random images of every cluster, scaled to [0, 1]; only those
+    rows travel. Taken from the uint8 pixels and scaled here: taking them from the lazily
+    scaled pixels scaled every block they sit in, a pass over all rows per method."""
+    pool = choose_sample_indices(raw_pixels.shape[0], min(IMAGE_POOL, raw_pixels.shape[0]), seed)
     pool_labels = take_rows(labels, pool).compute()
     chosen = np.sort(np.concatenate(
         [pool[pool_labels == k][:per_cluster] for k in range(n_clusters)]
     ))
-    images, chosen_labels = dask.compute(take_rows(pixels, chosen), take_rows(labels, chosen))
+    images, chosen_labels = dask.compute(scale_pixels(take_rows(raw_pixels, chosen)),
+                                         take_rows(labels, chosen))
     return images, chosen_labels
 
 
@@ -104,7 +107,7 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
         plots.contingency_heatmap(table, LABEL_NAMES, names,
                                   out_dir / runfiles.contingency(result.method),
                                   f"{result.method}: classes in each cluster")
-    images, labels = _sample_images(data.pixels, result.labels, result.n_clusters,
+    images, labels = _sample_images(data.raw_pixels, result.labels, result.n_clusters,
                                      spec.images_per_cluster, seed)
     plots.cluster_samples(images, labels, result.n_clusters, spec.images_per_cluster,
                           out_dir / runfiles.cluster_samples(result.method),
