@@ -10,6 +10,9 @@ Reproduce (from the repository root, after ``make install``)::
     .venv/bin/python benchmarks/bench_scale.py --factors 1 4 16 \
         --mirror ../shared/data/fashion-mnist
 
+``--reuse-augmented`` skips writing a factor's augmented data when ``--work`` has it already
+(issue 17 times the job on data already written).
+
 Results: ``benchmarks/results/scale.json`` and a markdown table on stdout (copied into
 docs/benchmarks.md).
 """
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,12 +53,25 @@ def tree_rss(root: psutil.Process) -> dict[int, int]:
     return out
 
 
+def tree_cpu(root: psutil.Process) -> dict[int, float]:
+    """CPU seconds (user + system) of a process and each of its descendants, by pid."""
+    out = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            out[proc.pid] = times.user + times.system
+        except psutil.Error:
+            pass
+    return out
+
+
 def run_measured(command: list[str], log: Path) -> tuple[int, float, int, dict]:
     """Run ``command``; return (exit code, wall seconds, peak tree RSS bytes, memory trace).
 
-    The trace has the sampled timeline (wall-clock time, tree RSS) and, at the peak, the
-    RSS of the command's own process (client and, for a LocalCluster, the scheduler) and
-    of its children (nannies, workers).
+    The trace has the sampled timeline (wall-clock time, tree RSS), at the peak the RSS of
+    the command's own process (client and, for a LocalCluster, the scheduler) and of its
+    children (nannies, workers), and ``cpu_seconds``: the CPU time of the whole tree, each
+    process's last sample (a process's time after its last sample, at most 0.2 s, is lost).
     """
     start = time.perf_counter()
     with open(log, "w") as out:
@@ -62,6 +79,7 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, int, dict]:
     root = psutil.Process(proc.pid)
     peak = 0
     trace: dict = {"timeline": [], "at_peak": {}}
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
@@ -69,6 +87,7 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, int, dict]:
         while not stop.is_set():
             try:
                 by_pid = tree_rss(root)
+                cpu.update(tree_cpu(root))
             except psutil.Error:
                 by_pid = {}
             total = sum(by_pid.values())
@@ -85,6 +104,7 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, int, dict]:
     code = proc.wait()
     stop.set()
     sampler.join()
+    trace["cpu_seconds"] = sum(cpu.values())
     return code, time.perf_counter() - start, peak, trace
 
 
@@ -111,6 +131,8 @@ def main() -> int:
     parser.add_argument("--mirror", default=str(REPO.parent / "shared/data/fashion-mnist"))
     parser.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--results", default=str(REPO / "benchmarks/results/scale.json"))
+    parser.add_argument("--reuse-augmented", action="store_true",
+                        help="use augmented data already in --work (not timed again)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="fmnist-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -126,10 +148,13 @@ def main() -> int:
             # Exact silhouette is O(n^2): benchmarked apart (bench_core); here the sampled one.
             "scores: {silhouette: sampled, silhouette_sample_size: 10000}\n"
         )
-        code, aug_seconds, aug_peak, _ = run_measured([*cli, "augment", str(job)],
-                                                   work / f"augment-x{factor}.log")
-        if code:
-            raise SystemExit(f"augment x{factor} failed: see {work}/augment-x{factor}.log")
+        aug_seconds = aug_peak = float("nan")
+        if not (args.reuse_augmented and data.exists()):
+            code, aug_seconds, aug_peak, _ = run_measured([*cli, "augment", str(job)],
+                                                       work / f"augment-x{factor}.log")
+            if code:
+                raise SystemExit(f"augment x{factor} failed: see {work}/augment-x{factor}.log")
+        shutil.rmtree(work / "runs" / f"x{factor}", ignore_errors=True)  # a previous run's
         code, seconds, peak, trace = run_measured(
             [*cli, "run", str(job), "--out", str(work / "runs"), "--run-name", f"x{factor}"],
             work / f"run-x{factor}.log")
@@ -143,6 +168,8 @@ def main() -> int:
             "factor": factor, "rows": n_rows, "augment_seconds": round(aug_seconds, 1),
             "augment_peak_gib": round(aug_peak / 2**30, 2), "job_seconds": round(seconds, 1),
             "peak_rss_gib": round(peak / 2**30, 2),
+            "cpu_seconds": round(trace["cpu_seconds"], 1),
+            "cpu_share": round(trace["cpu_seconds"] / (seconds * (os.cpu_count() or 1)), 3),
             "scalable_seconds": round(sum(stages.get(s, 0) for s in SCALABLE), 1),
             "stages": stages,
             "stage_peak_rss_gib": stage_peaks(
@@ -159,10 +186,12 @@ def main() -> int:
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(rows, indent=2) + "\n")
     base = rows[0]
-    print("\n| factor | rows | job s | scalable stages s | rows/s | peak RSS GiB | peak / 1x |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| factor | rows | job s | CPU s (share of the cores) | scalable stages s | rows/s"
+          " | peak RSS GiB | peak / 1x |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['factor']}x | {r['rows']:,} | {r['job_seconds']} | {r['scalable_seconds']}"
+        print(f"| {r['factor']}x | {r['rows']:,} | {r['job_seconds']}"
+              f" | {r['cpu_seconds']} ({r['cpu_share']:.0%}) | {r['scalable_seconds']}"
               f" | {r['scalable_rows_per_second']:,} | {r['peak_rss_gib']}"
               f" | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f} |")
     names = list(rows[-1]["stages"])
