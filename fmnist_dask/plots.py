@@ -110,23 +110,38 @@ def explained_variance(ratio: np.ndarray, path: Path) -> Path:
     return save(fig, path)
 
 
+def image_mosaic(rows: Sequence[np.ndarray], width: int, gap: int = 2) -> np.ndarray:
+    """One picture of rows of 28x28 images (each row an (m, 784) array, m <= ``width``),
+    ``gap`` blank pixels between images; values in [0, 1], blank cells 0."""
+    h, w = IMAGE_SHAPE
+    canvas = np.zeros((len(rows) * (h + gap) - gap, width * (w + gap) - gap))
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images[:width]):
+            top, left = r * (h + gap), c * (w + gap)
+            canvas[top : top + h, left : left + w] = np.reshape(image, IMAGE_SHAPE)
+    return canvas
+
+
 @_one_at_a_time
 def cluster_samples(images: np.ndarray, clusters: np.ndarray, n_clusters: int, per_cluster: int,
                     path: Path, title: str, cluster_titles: Sequence[str] | None = None) -> Path:
-    """One row per cluster with up to ``per_cluster`` of its images (values in [0, 1])."""
-    fig, axes = plt.subplots(n_clusters, per_cluster + 1,
-                             figsize=(1.0 * (per_cluster + 1) + 1.2, 1.05 * n_clusters),
-                             squeeze=False)
-    for k in range(n_clusters):
-        row = axes[k]
-        for ax in row:
-            ax.axis("off")
-        row[0].text(1.0, 0.5, cluster_titles[k] if cluster_titles else f"cluster {k}",
-                    ha="right", va="center", fontsize=8, transform=row[0].transAxes)
-        members = images[clusters == k][:per_cluster]
-        for ax, image in zip(row[1:], members, strict=False):
-            ax.imshow(image.reshape(IMAGE_SHAPE), cmap="gray_r", vmin=0, vmax=1)
-    fig.suptitle(title)
+    """One row per cluster with up to ``per_cluster`` of its images (values in [0, 1]).
+
+    Drawn as one image with the clusters' names as row labels: an axes per picture (110
+    for 10 clusters) took seconds of the client's time per method.
+    """
+    canvas = image_mosaic([images[clusters == k] for k in range(n_clusters)], per_cluster)
+    fig, ax = plt.subplots(figsize=(1.0 * (per_cluster + 1) + 1.2, 1.05 * n_clusters))
+    ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    step = IMAGE_SHAPE[0] + 2
+    ax.set_yticks(np.arange(n_clusters) * step + IMAGE_SHAPE[0] / 2 - 0.5,
+                  [cluster_titles[k] if cluster_titles else f"cluster {k}"
+                   for k in range(n_clusters)], fontsize=8)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title)
     return save(fig, path)
 
 
