@@ -177,24 +177,34 @@ def _scorer(method: str) -> Callable[[JobState], StageOutput]:
     return score
 
 
+def _scored(job: JobState) -> list[str]:
+    """The scored methods in the table's order, whichever finished first."""
+    return [m for m in METHODS if f"score_{m}" in job.outputs]
+
+
 def _evaluate(job: JobState) -> StageOutput:
-    # The table's order, whichever method finished first.
-    methods = [m for m in METHODS if f"score_{m}" in job.outputs]
+    methods = _scored(job)
     results = [job.outputs[m] for m in methods]
     rows = [job.outputs[f"score_{m}"][0] for m in methods]
-    names = {m: job.outputs[f"score_{m}"][1] for m in methods}
     data, _ = job.outputs["clean"]
     evaluate.write_assignments(results, data, job.run.dir)
     metrics = evaluate.write_metrics(rows, job.run.dir)
     job.manifest["metrics"] = metrics.to_dict("records")
-    if "tsne" in job.outputs:
-        embedding = job.outputs["tsne"]
-        evaluate.tsne_figures(embedding.coordinates, embedding.indices, results, names, data,
-                              job.run.dir)
     seconds = {name: stage["seconds"] for name, stage in dict(job.manifest["stages"]).items()
                if "seconds" in stage}
     evaluate.write_comparison(metrics, seconds, job.run.dir)
     return None, {"methods": methods}
+
+
+def _tsne_figures(job: JobState) -> StageOutput:
+    # Drawn on the client while evaluate writes the assignments on the workers.
+    methods = _scored(job)
+    names = {m: job.outputs[f"score_{m}"][1] for m in methods}
+    data, _ = job.outputs["clean"]
+    embedding = job.outputs["tsne"]
+    paths = evaluate.tsne_figures(embedding.coordinates, embedding.indices,
+                                  [job.outputs[m] for m in methods], names, data, job.run.dir)
+    return None, {"figures": len(paths)}
 
 
 def _report(job: JobState) -> StageOutput:
@@ -270,8 +280,10 @@ STAGES: tuple[Stage, ...] = (
     # The scores are most of the tasks and only evaluate waits for them: they yield.
     *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-1)
       for m in METHODS),
-    Stage("evaluate", _evaluate, needs=(*(f"score_{m}" for m in METHODS), "tsne"),
+    Stage("evaluate", _evaluate, needs=tuple(f"score_{m}" for m in METHODS),
           enabled=lambda s: any(_method_enabled(m)(s) for m in METHODS)),
+    Stage("tsne_figures", _tsne_figures, needs=(*(f"score_{m}" for m in METHODS), "tsne"),
+          enabled=lambda s: s.tsne.enabled and any(_method_enabled(m)(s) for m in METHODS)),
     Stage("report", _report, needs=("*",)),
 )
 
