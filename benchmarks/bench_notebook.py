@@ -137,6 +137,8 @@ def main() -> None:
                         default=REPO / "data" / "fashion-mnist" / "fashion-mnist_train.csv")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if not args.csv.is_file():
+        raise SystemExit(f"{args.csv}: no such file (`make data` writes it)")
     notebook, job = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
