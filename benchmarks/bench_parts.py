@@ -79,7 +79,7 @@ def child(run: Path, parts: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a finished 16x run directory")
-    parser.add_argument("--checkouts", nargs="+", required=True)
+    parser.add_argument("--checkouts", nargs="+", default=["."])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -94,7 +94,9 @@ def main() -> int:
                    "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
             result = subprocess.run(
                 [sys.executable, __file__, "--child", "--run", args.run, "--parts", *args.parts],
-                env=env, capture_output=True, text=True, check=True)
+                env=env, capture_output=True, text=True)
+            if result.returncode:
+                raise SystemExit(f"{checkout}: exit {result.returncode}\n{result.stderr}")
             got = json.loads(result.stdout.strip().splitlines()[-1])
             print(checkout, got, "load average", os.getloadavg()[0], flush=True)
             for part, (seconds, _) in got.items():
