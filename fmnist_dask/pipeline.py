@@ -252,6 +252,10 @@ def _sample_based(spec: JobSpec) -> bool:
             or spec.manifold.enabled)
 
 
+def _any_method(spec: JobSpec) -> bool:
+    return any(_method_enabled(m)(spec) for m in METHODS)
+
+
 def _method_enabled(method: str) -> Callable[[JobSpec], bool]:
     return {
         "kmeans_raw": lambda s: s.kmeans.enabled,
@@ -281,9 +285,9 @@ STAGES: tuple[Stage, ...] = (
     *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-1)
       for m in METHODS),
     Stage("evaluate", _evaluate, needs=tuple(f"score_{m}" for m in METHODS),
-          enabled=lambda s: any(_method_enabled(m)(s) for m in METHODS)),
+          enabled=_any_method),
     Stage("tsne_figures", _tsne_figures, needs=(*(f"score_{m}" for m in METHODS), "tsne"),
-          enabled=lambda s: s.tsne.enabled and any(_method_enabled(m)(s) for m in METHODS)),
+          enabled=lambda s: s.tsne.enabled and _any_method(s)),
     Stage("report", _report, needs=("*",)),
 )
 

@@ -110,10 +110,15 @@ def explained_variance(ratio: np.ndarray, path: Path) -> Path:
     return save(fig, path)
 
 
-def image_mosaic(rows: Sequence[np.ndarray], width: int, gap: int = 2) -> np.ndarray:
+#: Blank pixels between the images of a mosaic.
+MOSAIC_GAP = 2
+
+
+def image_mosaic(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
     """One picture of rows of 28x28 images (each row an (m, 784) array, m <= ``width``),
-    ``gap`` blank pixels between images; values in [0, 1], blank cells 0."""
+    :data:`MOSAIC_GAP` blank pixels between images; values in [0, 1], blank cells 0."""
     h, w = IMAGE_SHAPE
+    gap = MOSAIC_GAP
     canvas = np.zeros((len(rows) * (h + gap) - gap, width * (w + gap) - gap))
     for r, images in enumerate(rows):
         for c, image in enumerate(images[:width]):
@@ -133,7 +138,7 @@ def cluster_samples(images: np.ndarray, clusters: np.ndarray, n_clusters: int, p
     canvas = image_mosaic([images[clusters == k] for k in range(n_clusters)], per_cluster)
     fig, ax = plt.subplots(figsize=(1.0 * (per_cluster + 1) + 1.2, 1.05 * n_clusters))
     ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    step = IMAGE_SHAPE[0] + 2
+    step = IMAGE_SHAPE[0] + MOSAIC_GAP
     ax.set_yticks(np.arange(n_clusters) * step + IMAGE_SHAPE[0] / 2 - 0.5,
                   [cluster_titles[k] if cluster_titles else f"cluster {k}"
                    for k in range(n_clusters)], fontsize=8)

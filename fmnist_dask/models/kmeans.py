@@ -64,8 +64,9 @@ from fmnist_dask._blocks import (
 from fmnist_dask.sampling import take_rows
 
 
-def _sqnorms(c: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", c, c)
+def _sqnorms(x: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """Squared norms of the rows, accumulated in ``dtype`` (default: x's own)."""
+    return np.einsum("ij,ij->i", x, x, dtype=dtype)
 
 
 def _scores(xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.ndarray:
@@ -84,11 +85,6 @@ def _scores(xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.nda
 def _nearest(xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.ndarray:
     """Index of the nearest centre per row."""
     return _scores(xs, centers, c_sqnorm).argmin(axis=1)
-
-
-def _row_sqnorms(xs: np.ndarray) -> np.ndarray:
-    """Squared norms of the rows, float64."""
-    return np.einsum("ij,ij->i", xs, xs, dtype=np.float64)
 
 
 def _min_sqdist(xs: np.ndarray, centers: np.ndarray, xnorm: np.ndarray) -> np.ndarray:
@@ -131,7 +127,7 @@ class _Rows:
         key = (start, len(xs))
         norms = self._norms.get(key)
         if norms is None:
-            norms = self._norms[key] = _row_sqnorms(xs)
+            norms = self._norms[key] = _sqnorms(xs, np.float64)
         return norms
 
     @property
