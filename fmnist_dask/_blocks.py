@@ -8,6 +8,7 @@ added together by a tree reduction. These helpers hold that pattern in one place
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import uuid
@@ -452,3 +453,56 @@ def on_worker(func, *args, **kwargs):
     """Run ``func`` on a worker (where the sample lives); return its small result."""
     key = (task_key(funcname(func)), 0)
     return dask.delayed(func, pure=False)(*args, dask_key_name=key, **kwargs).compute()
+
+
+class BlockGraphs:
+    """The row blocks of a lazy dask array, each computed on demand inside a task.
+
+    Holds one small culled graph per block (for pixels streamed from ``cleaned/``: the one
+    ``read_pixels`` call of its file), so that a task can compute the blocks of its range one
+    after another and hold one at a time, instead of depending on them all (the scheduler
+    would then keep every one in worker memory). Picklable; :meth:`subset` keeps a range.
+    Not for persisted arrays: their blocks are already in worker memory, as futures.
+    """
+
+    def __init__(self, x: da.Array) -> None:
+        from dask.optimization import cull
+
+        graph = dict(x.__dask_graph__())
+        self.keys = [k[0] if isinstance(k, list) else k for k in x.__dask_keys__()]
+        self.graphs = [cull(graph, [key])[0] for key in self.keys]
+        self.start = 0
+
+    def subset(self, start: int, stop: int) -> BlockGraphs:
+        """The blocks ``start:stop``, still indexed by their position in the whole array."""
+        part = object.__new__(BlockGraphs)
+        part.keys, part.graphs = self.keys[start:stop], self.graphs[start:stop]
+        part.start = self.start + start
+        return part
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Block ``i`` (its position in the whole array), computed in this thread."""
+        from dask.local import get_sync
+
+        j = i - self.start
+        return get_sync(self.graphs[j], self.keys[j])
+
+
+def worker_slots() -> list[str | None]:
+    """One entry per thread of the cluster the dask scheduler runs on: the worker address,
+    repeated per thread (sorted); ``[None] * cpus`` without a distributed scheduler."""
+    client = getattr(dask.base.get_scheduler(), "__self__", None)
+    info = getattr(client, "scheduler_info", None)
+    if info is None:
+        return [None] * (os.cpu_count() or 1)
+    workers = info(n_workers=-1)["workers"]
+    return [address for address, w in sorted(workers.items()) for _ in range(w["nthreads"])]
+
+
+def is_persisted(x: Any) -> bool:
+    """Whether ``x``'s blocks are results held by a distributed cluster (futures)."""
+    try:
+        from distributed import futures_of
+    except ImportError:
+        return False
+    return bool(futures_of(x))

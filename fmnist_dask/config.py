@@ -221,7 +221,9 @@ class JobSpec(_Strict):
     #: bytes (and a quarter of the workers' memory); larger data streams from parquet, so
     #: memory stays flat as the data grows. 1 GiB keeps up to ~19x Fashion-MNIST (16x:
     #: 0.88 GB, read once instead of on each of k-means' ~60 passes); lower it to trade
-    #: speed for memory (docs/benchmarks.md has 16x measured both ways).
+    #: speed for memory (docs/benchmarks.md has 16x measured both ways). k-means on the
+    #: raw pixels gathers them into one task only up to this size too; above it each
+    #: worker streams its share of the pixel files on every pass.
     persist_max_bytes: int = Field(default=1 << 30, ge=0)
     augment: AugmentSpec = AugmentSpec()
     data: DataSpec = DataSpec()

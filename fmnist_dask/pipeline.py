@@ -108,9 +108,11 @@ def _eda(job: JobState) -> StageOutput:
 
 def _kmeans_raw(job: JobState) -> StageOutput:
     data, _ = job.outputs["clean"]
-    # the uint8 pixels, divided by 255 as the kernels read them: no float copy per pass
+    # the uint8 pixels, divided by 255 as the kernels read them: no float copy per pass;
+    # pixels too large to keep in worker memory are not gathered into one task either
     result, model = cluster.kmeans(data.raw_pixels, job.spec.kmeans, job.spec.seed,
-                                   "kmeans_raw", "pixels", divide_by=255.0)
+                                   "kmeans_raw", "pixels", divide_by=255.0,
+                                   max_local_bytes=min(job.spec.persist_max_bytes, 2**30))
     cluster.save_centroids(model.cluster_centers_, result.method, job.run.dir,
                            images=model.cluster_centers_)
     return result, result.scores

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dask
 import dask.array as da
 import numpy as np
+import pyarrow as pa
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
@@ -262,3 +263,43 @@ def test_rows_converted_by_the_kernels_are_counted_alike_on_both_paths(real_arra
     # steps convert only rows whose bounds do not settle them
     assert 10 <= full < 10 + model.n_iter_
     assert counted["across"].get("read", 0) == 0
+
+
+def test_streamed_fit_reads_its_files_per_worker_and_matches_the_one_task_fit(
+        real_arrays, tmp_path, dask_client):
+    # Pixels above max_local_bytes that are not in worker memory (files read lazily, as
+    # the job's streamed pixels): each worker reads its own contiguous share of the files
+    # in one task per pass. Same fit, bit for bit, as the one-task path on the same blocks;
+    # 20 blocks with split_every=4 put a level of the ordered tree inside each group.
+    from distributed import get_task_stream
+
+    from fmnist_dask import pixelfiles
+
+    images = real_arrays["test"][0][:10000]
+    paths = []
+    for i in range(20):
+        paths.append(tmp_path / f"part-{i:02d}.parquet")
+        pixelfiles.write_part(pa.table({"pixels": pixelfiles.to_arrow(
+            images[i * 500 : (i + 1) * 500])}), paths[-1])
+    pixels = da.concatenate([
+        da.from_delayed(dask.delayed(pixelfiles.read_pixels, pure=True)(str(p), 500),
+                        shape=(500, 784), dtype=np.uint8) for p in paths])
+    params = dict(n_clusters=10, n_init=3, random_state=4, split_every=4, divide_by=255.0)
+    one = DaskKMeans(**params).fit(pixels)
+    with get_task_stream(dask_client) as stream:
+        streamed = DaskKMeans(**params, max_local_bytes=0).fit(pixels)
+    np.testing.assert_array_equal(one.cluster_centers_, streamed.cluster_centers_)
+    np.testing.assert_array_equal(one.inertia_per_run_, streamed.inertia_per_run_)
+    assert (one.n_iter_, one.n_candidates_) == (streamed.n_iter_, streamed.n_candidates_)
+    np.testing.assert_array_equal(one.labels_.compute(), streamed.labels_.compute())
+    # a pass is one task per worker thread, not tasks per block; each group's Lloyd steps
+    # run where its state is
+    names = [r["key"][0] for r in stream.data if isinstance(r["key"], tuple)]
+    assert not [n for n in names if "read_pixels" in n]  # no block read as a task of its own
+    steps = [r for r in stream.data if str(r["key"][0]).startswith("kmeans-stream-step")]
+    rounds = len(steps) // 2  # Lloyd steps until the last of the 3 runs converged
+    assert len(steps) == 2 * rounds and rounds >= streamed.n_iter_
+    workers = {g: {r["worker"] for r in steps if r["key"][1] == g} for g in (0, 1)}
+    assert all(len(w) == 1 for w in workers.values()) and workers[0] != workers[1]
+    # k-means|| and the other passes: a few dozen tasks; the labels: 2 per block
+    assert len(stream.data) <= 4 * len(steps) + 60 + 2 * 20

@@ -29,6 +29,7 @@ it.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,17 +50,21 @@ from threadpoolctl import threadpool_limits
 from fmnist_dask import passes
 from fmnist_dask._blocks import (
     SUB_ROWS,
+    BlockGraphs,
     aligned_block,
     block_partials,
     block_rows,
     exact_sq_dists,
+    is_persisted,
     on_worker,
     ordered_sum,
     ordered_tree,
     scratch,
     shared_consts,
     sum_rows_in_order,
+    task_key,
     validate_rows,
+    worker_slots,
 )
 from fmnist_dask.sampling import take_rows
 
@@ -660,6 +665,169 @@ class _LocalPasses:
                                                   self.split_every)
 
 
+class _Group:
+    """The contiguous blocks ``start:stop`` of X that one task of a streamed pass reads.
+
+    ``start`` is a multiple of ``unit``: the group adds its blocks' partials ``unit`` at a
+    time, which is the first level of :func:`ordered_tree` (``unit == split_every``) or
+    none (``unit == 1``, at most ``split_every`` blocks in all).
+    """
+
+    def __init__(self, blocks: BlockGraphs, start: int, offsets: list[int], unit: int,
+                 divide_by: float) -> None:
+        self.blocks, self.start, self.offsets = blocks, start, offsets
+        self.unit, self.divide_by = unit, divide_by
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, j: int) -> _Rows:
+        """The group's ``j``-th block as the kernels see it, read now."""
+        return _Rows(self.blocks[self.start + j], self.divide_by)
+
+    def call(self, kernel: Callable, j: int, aligned: list, consts: tuple) -> np.ndarray:
+        """``kernel`` on the ``j``-th block, as :meth:`_LocalPasses._call` calls it."""
+        return np.asarray(kernel(self.read(j), *[a[j] for a in aligned], *consts,
+                                 block_index=self.start + j, row_offset=self.offsets[j]))
+
+    def level(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """The blocks' partials (each (1, ...)), added ``unit`` consecutive blocks at a time."""
+        if self.unit == 1:
+            return parts
+        return [sum_rows_in_order(np.concatenate(parts[i : i + self.unit]))
+                for i in range(0, len(parts), self.unit)]
+
+
+def _g_total(group: _Group, kernel: Callable, aligned: list, consts: tuple,
+             out_shape: tuple[int, ...]) -> list[np.ndarray]:
+    return group.level([group.call(kernel, j, aligned, consts).reshape(1, *out_shape)
+                        for j in range(len(group))])
+
+
+def _g_rows(group: _Group, kernel: Callable, aligned: list, consts: tuple) -> list[np.ndarray]:
+    return [group.call(kernel, j, aligned, consts) for j in range(len(group))]
+
+
+def _g_take(group: _Group, rows: np.ndarray) -> np.ndarray:
+    """The converted rows at the sorted global positions ``rows`` (all in this group)."""
+    block = np.searchsorted(group.offsets, rows, side="right") - 1
+    out = []
+    for j in np.unique(block).tolist():
+        out.append(group.read(j)[rows[block == j] - group.offsets[j]])
+    return np.concatenate(out)
+
+
+def _g_vector(group: _Group, kernel: Callable, aligned: list, consts: tuple
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    v = [kernel(group.read(j), *[a[j] for a in aligned], *consts) for j in range(len(group))]
+    return v, group.level([_vector_total(b) for b in v])
+
+
+def _g_step(group: _Group, state: list | None, consts: tuple, k: int
+            ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    steps = [_k_step(group.read(j), *(() if state is None else (state[j],)), consts, k)
+             for j in range(len(group))]
+    return [s[0] for s in steps], group.level([_moves_of(s) for s in steps])
+
+
+class _StreamedPasses:
+    """The passes of :class:`_ClusterPasses` with one task per worker thread per pass,
+    each reading its share of X's blocks one after another (X lazy and larger than a
+    worker should hold: pixels streamed from ``cleaned/``).
+
+    The blocks are cut into contiguous groups, one per worker thread, pinned to it; a
+    per-row vector or Lloyd state stays on its group's worker as the result of the group's
+    task and is the next pass's input there. A pass is thus a few tasks, not a few per
+    block (205,580 tasks for the raw k-means at 7 million rows, docs/benchmarks.md). Each
+    group adds its blocks' partials up to the first level of :func:`ordered_tree` (groups
+    start at multiples of ``split_every`` blocks) and the client finishes with
+    :func:`ordered_sum`: the same additions in the same order as the other two paths.
+    """
+
+    def __init__(self, X: da.Array, split_every: int, divide_by: float) -> None:
+        self.n, self.d = X.shape
+        self.dtype = float_dtype(X.dtype)
+        self.split_every = split_every
+        sizes = X.chunks[0]
+        offsets = [0, *np.cumsum(sizes).tolist()]
+        unit = split_every if len(sizes) > split_every else 1
+        slots = worker_slots()
+        # contiguous runs of whole units, about the same number of rows per slot
+        unit_rows = np.add.reduceat(np.asarray(sizes), np.arange(0, len(sizes), unit))
+        ends = np.searchsorted(np.cumsum(unit_rows), np.linspace(0, self.n, len(slots) + 1)[1:],
+                               side="left") + 1
+        bounds = sorted({0, len(sizes), *[min(int(e) * unit, len(sizes)) for e in ends]})
+        blocks = BlockGraphs(X)
+        self.groups = [
+            (slot, _Group(blocks.subset(a, b), a, offsets[a:b], unit, divide_by))
+            for slot, a, b in zip(slots, bounds[:-1], bounds[1:], strict=False) if b > a
+        ]
+        self.bounds = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=False) if b > a]
+        self.offsets = offsets
+
+    def _run(self, fn: Callable, args: list[tuple | None]) -> list[Any]:
+        """``fn(group, *args[g])`` for every group with args, each on its own worker
+        (persisted there: lazy results, None for a group without args)."""
+        name = task_key(f"kmeans-stream-{fn.__name__.removeprefix('_g_')}")
+        tasks = {}
+        for g, ((slot, group), a) in enumerate(zip(self.groups, args, strict=True)):
+            if a is None:
+                continue
+            # loose: if the worker is lost the task runs elsewhere (its inputs recomputed)
+            where = {"workers": [slot], "allow_other_workers": True} if slot else {}
+            with dask.annotate(**where):
+                tasks[g] = dask.delayed(fn, pure=False)(group, *a, dask_key_name=(name, g))
+        done = dict(zip(tasks, dask.persist(*tasks.values()), strict=True))
+        return [done.get(g) for g in range(len(self.groups))]
+
+    @staticmethod
+    def _parts(done: list[Any], i: int, what: str) -> list[Any]:
+        """Item ``i`` of each group's persisted result, lazily (a light task each)."""
+        name = task_key(f"kmeans-stream-{what}")
+        return [dask.delayed(operator.getitem, pure=False)(d, i, dask_key_name=(name, g))
+                for g, d in enumerate(done)]
+
+    def _finish(self, levels: Iterable[list[np.ndarray]]) -> np.ndarray:
+        return ordered_sum([p for group in levels for p in group], self.split_every)
+
+    def total(
+        self, kernel: Callable, *aligned: list, consts: tuple = (),
+        out_shape: tuple[int, ...] = (),
+    ) -> np.ndarray:
+        args = [(kernel, [a[g] for a in aligned], consts, out_shape)
+                for g in range(len(self.groups))]
+        return self._finish(dask.compute(*self._run(_g_total, args)))
+
+    def rows(
+        self, kernel: Callable, *aligned: list, consts: tuple = (), width: int,
+        dtype: Any = np.float64,
+    ) -> np.ndarray:
+        args = [(kernel, [a[g] for a in aligned], consts) for g in range(len(self.groups))]
+        parts = [p for group in dask.compute(*self._run(_g_rows, args)) for p in group]
+        return np.concatenate(parts).reshape(-1, width)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        wanted = [rows[(rows >= self.offsets[a]) & (rows < self.offsets[b])]
+                  for a, b in self.bounds]
+        done = self._run(_g_take, [(w,) if len(w) else None for w in wanted])
+        return np.concatenate(dask.compute(*[d for d in done if d is not None])).copy()
+
+    def vector(self, kernel: Callable, *aligned: list, consts: tuple = ()
+               ) -> tuple[list, float]:
+        args = [(kernel, [a[g] for a in aligned], consts) for g in range(len(self.groups))]
+        done = self._run(_g_vector, args)
+        totals = dask.compute(*self._parts(done, 1, "totals"))
+        # the vector stays on the workers, one lazy piece per group
+        return self._parts(done, 0, "vector"), float(self._finish(totals))
+
+    def lloyd_step(self, state: list | None, consts: tuple, width: int, k: int
+                   ) -> tuple[list, np.ndarray]:
+        old = state or [None] * len(self.groups)
+        done = self._run(_g_step, [(s, consts, k) for s in old])
+        moves = dask.compute(*self._parts(done, 1, "moves"))
+        return self._parts(done, 0, "state"), self._finish(moves)
+
+
 def _n_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -834,7 +1002,10 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             fitted = on_worker(_fit_in_one_task, type(self), self.get_params(), self._n_init,
                                rs, X.to_delayed().ravel().tolist())
         else:
-            fitted = self._fit_passes(_ClusterPasses(X, self.split_every, self.divide_by), rs)
+            # persisted blocks are read where they are, per block; lazy ones (streamed
+            # from files) by one task per worker thread over its share of them
+            passes_over = _ClusterPasses if is_persisted(X) else _StreamedPasses
+            fitted = self._fit_passes(passes_over(X, self.split_every, self.divide_by), rs)
         for name, value in fitted.items():
             setattr(self, name, value)
         self.labels_ = self.predict(X)

@@ -26,14 +26,18 @@ from fmnist_dask.sampling import Sample, take_rows
 
 
 def kmeans(X: da.Array, spec: KMeansSpec, seed: int, method: str, features: str,
-           divide_by: float = 1.0) -> tuple[ClusterResult, DaskKMeans]:
+           divide_by: float = 1.0, max_local_bytes: int = 2**30
+           ) -> tuple[ClusterResult, DaskKMeans]:
     """Fit :class:`DaskKMeans` (k-means|| then Lloyd) on ``X / divide_by``; label every row.
 
-    The labels are persisted on the workers: every later score and artefact reuses them.
+    X of at most ``max_local_bytes`` is fitted in one task on one worker, larger X across
+    the workers (see :class:`DaskKMeans`). The labels are persisted on the workers: every
+    later score and artefact reuses them.
     """
     start = time.perf_counter()
     model = DaskKMeans(n_clusters=spec.n_clusters, max_iter=spec.max_iter, tol=spec.tol,
-                       random_state=seed, divide_by=divide_by).fit(X)
+                       random_state=seed, divide_by=divide_by,
+                       max_local_bytes=max_local_bytes).fit(X)
     labels = model.labels_.persist()
     da.compute(labels.sum())  # wait, so the wall time covers labelling too
     result = ClusterResult(
