@@ -818,7 +818,7 @@ class _StreamedPasses:
         done = self._run(_g_vector, args)
         totals = dask.compute(*self._parts(done, 1, "totals"))
         # the vector stays on the workers, one lazy piece per group
-        return self._parts(done, 0, "vector"), float(self._finish(totals))
+        return self._parts(done, 0, "vector-kept"), float(self._finish(totals))
 
     def lloyd_step(self, state: list | None, consts: tuple, width: int, k: int
                    ) -> tuple[list, np.ndarray]:
