@@ -68,7 +68,8 @@ def tree_cpu(root: psutil.Process) -> dict[int, float]:
 def run_measured(command: list[str], log: Path) -> tuple[int, float, int, dict]:
     """Run ``command``; return (exit code, wall seconds, peak tree RSS bytes, memory trace).
 
-    The trace has the sampled timeline (wall-clock time, tree RSS), at the peak the RSS of
+    The trace has the sampled timeline (wall-clock time, tree RSS, the command's own RSS),
+    at the peak the RSS of
     the command's own process (client and, for a LocalCluster, the scheduler) and of its
     children (nannies, workers), and ``cpu_seconds``: the CPU time of the whole tree, each
     process's last sample (a process's time after its last sample, at most 0.2 s, is lost).
@@ -91,7 +92,7 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, int, dict]:
             except psutil.Error:
                 by_pid = {}
             total = sum(by_pid.values())
-            trace["timeline"].append((time.time(), total))
+            trace["timeline"].append((time.time(), total, by_pid.get(proc.pid, 0)))
             if total > peak:
                 peak = total
                 trace["at_peak"] = {"client_and_scheduler": by_pid.get(proc.pid, 0),
@@ -108,8 +109,10 @@ def run_measured(command: list[str], log: Path) -> tuple[int, float, int, dict]:
     return code, time.perf_counter() - start, peak, trace
 
 
-def stage_peaks(run_log: Path, timeline: list[tuple[float, int]]) -> dict[str, float]:
-    """Peak tree RSS (GiB) during each stage, from the run log's start/done lines."""
+def stage_peaks(run_log: Path, timeline: list[tuple[float, int, int]], column: int = 1
+                ) -> dict[str, float]:
+    """Peak RSS (GiB) during each stage, from the run log's start/done lines: of the tree
+    (``column=1``) or of the client and scheduler process (``column=2``)."""
     spans: dict[str, list[float]] = {}
     for line in run_log.read_text().splitlines():
         m = re.match(r"(\S+Z) INFO +\[(\w+)\] (started|done)", line)
@@ -119,7 +122,7 @@ def stage_peaks(run_log: Path, timeline: list[tuple[float, int]]) -> dict[str, f
     peaks = {}
     for stage, (t0, *rest) in spans.items():
         t1 = rest[-1] if rest else t0
-        inside = [rss for t, rss in timeline if t0 <= t <= t1]
+        inside = [sample[column] for sample in timeline if t0 <= sample[0] <= t1]
         if inside:
             peaks[stage] = round(max(inside) / 2**30, 2)
     return peaks
@@ -174,6 +177,8 @@ def main() -> int:
             "stages": stages,
             "stage_peak_rss_gib": stage_peaks(
                 work / "runs" / f"x{factor}" / "run.log", trace["timeline"]),
+            "stage_peak_client_gib": stage_peaks(
+                work / "runs" / f"x{factor}" / "run.log", trace["timeline"], column=2),
             "at_peak_gib": {
                 "client_and_scheduler": round(trace["at_peak"]["client_and_scheduler"] / 2**30, 2),
                 "children": [round(v / 2**30, 2) for v in trace["at_peak"]["children"]]},
@@ -195,11 +200,13 @@ def main() -> int:
               f" | {r['scalable_rows_per_second']:,} | {r['peak_rss_gib']}"
               f" | {r['peak_rss_gib'] / base['peak_rss_gib']:.2f} |")
     names = list(rows[-1]["stages"])
-    print("\n| stage | " + " | ".join(f"{r['factor']}x s (peak GiB)" for r in rows) + " |")
+    print("\n| stage | " + " | ".join(f"{r['factor']}x s (peak GiB: all / client + scheduler)"
+                                    for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for name in names:
         print(f"| {name} | " + " | ".join(
-            f"{r['stages'].get(name, '')} ({r['stage_peak_rss_gib'].get(name, '')})"
+            f"{r['stages'].get(name, '')} ({r['stage_peak_rss_gib'].get(name, '')}"
+            f" / {r['stage_peak_client_gib'].get(name, '')})"
             for r in rows) + " |")
     return 0
 
