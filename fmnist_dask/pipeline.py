@@ -28,7 +28,12 @@ import dask
 from fmnist_dask import logs, progress, runfiles, sampling
 from fmnist_dask.augment import augment
 from fmnist_dask.config import JobSpec
-from fmnist_dask.dask_cluster import ClusterSession, load_cluster_config, open_cluster
+from fmnist_dask.dask_cluster import (
+    ClusterSession,
+    load_cluster_config,
+    open_cluster,
+    trim_worker_memory,
+)
 from fmnist_dask.rundir import Run, default_run_name, open_run
 from fmnist_dask.stages import clean, cluster, eda, embed, evaluate, load, reduce, report
 
@@ -347,6 +352,8 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
         if error is not None:
             raise error
         done.add(name)
+        # what the stage freed goes back to the system before the next ones grow
+        trim_worker_memory(job.session.client)
 
 
 def run_job(spec: JobSpec, run_name: str | None = None) -> Path:

@@ -37,6 +37,7 @@ from fmnist_dask.dask_cluster import (
     SlurmConfig,
     load_cluster_config,
     open_cluster,
+    trim_worker_memory,
 )
 from tests.cluster_procs import (
     WorkerSpec,
@@ -216,8 +217,36 @@ def test_local_cluster_session():
         assert set(spill.values()) == {0.65}
         assert session.dashboard_link.startswith("http://127.0.0.1:")
         _check_sum_on_all_workers(session.client, 2)
+        # The workers keep freed heap memory (WORKER_MALLOC_ENV); trim_worker_memory, run
+        # between stages, gives it back: 300 MiB of 1 MiB blocks freed under a live one.
+        before = session.client.run(_leave_freed_heap, 300)
+        trim_worker_memory(session.client)
+        after = session.client.run(_rss)
+        for worker, (held, freed_rss) in before.items():
+            assert held == 1
+            assert freed_rss - after[worker] > 200 * 2**20, (freed_rss, after[worker])
         cluster = session.cluster
     assert cluster.status.name == "closed"
+
+
+_KEPT: list = []
+
+
+def _leave_freed_heap(mib: int) -> tuple[int, int]:
+    """Allocate ``mib`` 1 MiB blocks, free all but the last (which pins the heap's top);
+    return (blocks kept, RSS bytes)."""
+    import numpy as np
+
+    blocks = [np.ones(2**20, np.uint8) for _ in range(mib)]
+    _KEPT[:] = blocks[-1:]
+    del blocks
+    return len(_KEPT), _rss()
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 # ---------------------------------------------------------------------------------------------
