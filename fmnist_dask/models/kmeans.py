@@ -4,11 +4,14 @@ Every pass over the data runs one numpy kernel per row block on the workers; onl
 centres go out and only per-block partial sums and counts (k x (d + 1) numbers) come back,
 added by a tree reduction. The full array never reaches the client.
 
-Two paths, chosen by size (``max_local_bytes``): X that fits on a worker is fitted inside
-one task there, the same kernels looping over its blocks with no scheduler round trip per
-pass (at Fashion-MNIST sizes a round trip costs more than a PCA-10 Lloyd iteration's
-arithmetic); larger X is fitted with one round trip per pass and is never gathered. Both
-paths add the per-block partials in the same fixed order, so they give identical fits.
+Three paths, chosen by size (``max_local_bytes``) and by where X is: X that fits on a
+worker is fitted inside one task there, the same kernels looping over its blocks with no
+scheduler round trip per pass (at Fashion-MNIST sizes a round trip costs more than a PCA-10
+Lloyd iteration's arithmetic); larger X is fitted with one round trip per pass and is never
+gathered, per block when it is persisted (its blocks are in worker memory), else by one
+task per worker thread per pass that reads its contiguous share of the blocks one at a time
+(pixels streamed from files: a pass is a few tasks, not a few per block). All paths add the
+per-block partials in the same fixed order, so they give identical fits.
 
 Why not ``dask_ml.cluster.KMeans``: with dask-ml 2025.1.0 its ``inertia_`` is a sum of
 unsquared distances, ``init='k-means++'`` raises a TypeError, and it was several times
@@ -526,11 +529,12 @@ def _lloyd_step(
 # --- passes over X: across the workers, or inside one task ----------------------------
 #
 # The fit is written once against the small interface below. ``_ClusterPasses`` runs each
-# pass as a dask graph (one scheduler round trip per pass, data of any size);
-# ``_LocalPasses`` runs the same kernels on the same blocks inside one task (no round
-# trips, data that fits on a worker). Both add the per-block partials with
-# :func:`ordered_tree`/:func:`ordered_sum` (the same groups, the same order), so the two
-# paths give bit-for-bit the same fit.
+# pass as a dask graph of a few tasks per block (one scheduler round trip per pass, X
+# persisted); ``_StreamedPasses`` as one task per worker thread over its share of the
+# blocks, read one at a time (X lazy and large); ``_LocalPasses`` runs the same kernels on
+# the same blocks inside one task (no round trips, data that fits on a worker). All add the
+# per-block partials with :func:`ordered_tree`/:func:`ordered_sum` (the same groups, the
+# same order), so the paths give bit-for-bit the same fit.
 
 
 def _call_vector(
@@ -915,10 +919,12 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         task on one worker, with every core of that machine: its blocks are gathered there and
         initialisation, all Lloyd iterations of all runs and the inertia run without a
         scheduler round trip. Larger X is fitted across the workers, one round trip per
-        pass, without ever gathering it. Both paths run the same kernels on the same
-        blocks and add the partials in the same order, so they give identical results
-        (labels, centres, inertia, iterations). 0 always fits across the workers, None
-        always in one task.
+        pass, without ever gathering it: block by block when X is persisted, else (X
+        computed or read from files) by one task per worker thread per pass, each over a
+        contiguous share of the blocks, read one at a time, with its per-row state kept
+        on that worker. All paths run the same kernels on the same blocks and add the
+        partials in the same order, so they give identical results (labels, centres,
+        inertia, iterations). 0 always fits across the workers, None always in one task.
     n_jobs : int or None, default=None
         Threads of a fit inside one task (row blocks processed in parallel, one BLAS
         thread each); None uses every CPU of the worker's machine. Results do not depend
