@@ -56,7 +56,7 @@ class JobState:
 
     spec: JobSpec
     run: Run
-    session: ClusterSession
+    session: ClusterSession | None  # None: a stage table run without a cluster (tests)
     outputs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -352,8 +352,9 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
         if error is not None:
             raise error
         done.add(name)
-        # what the stage freed goes back to the system before the next ones grow
-        trim_worker_memory(job.session.client)
+        if job.session is not None:
+            # what the stage freed goes back to the system before the next ones grow
+            trim_worker_memory(job.session.client)
 
 
 def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
