@@ -488,13 +488,20 @@ class BlockGraphs:
         return get_sync(self.graphs[j], self.keys[j])
 
 
+def n_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def worker_slots() -> list[str | None]:
     """One entry per thread of the cluster the dask scheduler runs on: the worker address,
     repeated per thread (sorted); ``[None] * cpus`` without a distributed scheduler."""
     client = getattr(dask.base.get_scheduler(), "__self__", None)
     info = getattr(client, "scheduler_info", None)
     if info is None:
-        return [None] * (os.cpu_count() or 1)
+        return [None] * n_cpus()
     workers = info(n_workers=-1)["workers"]
     return [address for address, w in sorted(workers.items()) for _ in range(w["nthreads"])]
 

@@ -34,6 +34,7 @@ from fmnist_dask.dask_cluster import (
     open_cluster,
     trim_worker_memory,
 )
+from fmnist_dask.models.kmeans import MAX_LOCAL_BYTES
 from fmnist_dask.rundir import Run, default_run_name, open_run
 from fmnist_dask.stages import clean, cluster, eda, embed, evaluate, load, reduce, report
 
@@ -117,7 +118,8 @@ def _kmeans_raw(job: JobState) -> StageOutput:
     # pixels too large to keep in worker memory are not gathered into one task either
     result, model = cluster.kmeans(data.raw_pixels, job.spec.kmeans, job.spec.seed,
                                    "kmeans_raw", "pixels", divide_by=255.0,
-                                   max_local_bytes=min(job.spec.persist_max_bytes, 2**30))
+                                   max_local_bytes=min(job.spec.persist_max_bytes,
+                                                       MAX_LOCAL_BYTES))
     cluster.save_centroids(model.cluster_centers_, result.method, job.run.dir,
                            images=model.cluster_centers_)
     return result, result.scores

@@ -33,7 +33,6 @@ it.
 from __future__ import annotations
 
 import operator
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -59,6 +58,7 @@ from fmnist_dask._blocks import (
     block_rows,
     exact_sq_dists,
     is_persisted,
+    n_cpus,
     on_worker,
     ordered_sum,
     ordered_tree,
@@ -777,7 +777,6 @@ class _StreamedPasses:
             (slot, _Group(blocks.subset(a, b), a, offsets[a:b], unit, divide_by))
             for slot, a, b in zip(slots, bounds[:-1], bounds[1:], strict=False) if b > a
         ]
-        self.bounds = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=False) if b > a]
         self.offsets = offsets
 
     def _run(self, fn: Callable, args: list[tuple | None]) -> list[Any]:
@@ -822,10 +821,10 @@ class _StreamedPasses:
         return np.concatenate(parts).reshape(-1, width)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        wanted = [rows[(rows >= self.offsets[a]) & (rows < self.offsets[b])]
-                  for a, b in self.bounds]
+        wanted = [rows[(rows >= self.offsets[g.start]) & (rows < self.offsets[g.start + len(g)])]
+                  for _, g in self.groups]
         done = self._run(_g_take, [(w,) if len(w) else None for w in wanted])
-        return np.concatenate(dask.compute(*[d for d in done if d is not None])).copy()
+        return np.concatenate(dask.compute(*[d for d in done if d is not None]))
 
     def vector(self, kernel: Callable, *aligned: list, consts: tuple = ()
                ) -> tuple[list, float]:
@@ -843,12 +842,6 @@ class _StreamedPasses:
         return self._parts(done, 0, "state"), self._finish(moves)
 
 
-def _n_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _fit_in_one_task(
     cls: type, params: dict, n_init: int, rs: np.random.RandomState, blocks: list[np.ndarray]
 ) -> dict:
@@ -860,7 +853,7 @@ def _fit_in_one_task(
     """
     est = cls(**params)  # a fresh copy: the caller's may hold a previous fit's graphs
     est._n_init = n_init
-    n_jobs = params["n_jobs"] or _n_cpus()
+    n_jobs = params["n_jobs"] or n_cpus()
     threads = max(1, min(n_jobs, len(blocks)))
     with threadpool_limits(limits=1, user_api="blas"):
         if threads == 1:
@@ -875,6 +868,8 @@ def _fit_in_one_task(
 # --- the estimator --------------------------------------------------------------------
 
 _SEED_MAX = np.iinfo(np.int32).max
+#: Default ``max_local_bytes``: X up to this size (as stored) is fitted in one task.
+MAX_LOCAL_BYTES = 2**30
 
 
 class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
@@ -968,7 +963,7 @@ class DaskKMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         tol: float = 1e-4,
         random_state: int | np.random.RandomState | None = None,
         split_every: int = 8,
-        max_local_bytes: int | None = 2**30,
+        max_local_bytes: int | None = MAX_LOCAL_BYTES,
         n_jobs: int | None = None,
         divide_by: float = 1.0,
     ) -> None:

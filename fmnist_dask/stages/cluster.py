@@ -18,7 +18,7 @@ from fmnist_dask._blocks import on_worker, one_block
 from fmnist_dask.config import GMMSpec, KMeansSpec, ManifoldSpec, SpectralSpec
 from fmnist_dask.models.extend import KNeighborsExtension
 from fmnist_dask.models.gmm import fit_gmm, gmm_summary, predict_blocks
-from fmnist_dask.models.kmeans import DaskKMeans
+from fmnist_dask.models.kmeans import MAX_LOCAL_BYTES, DaskKMeans
 from fmnist_dask.models.manifold import ManifoldClustering, ManifoldEnsemble, fit_on_workers
 from fmnist_dask.models.spectral import FastSpectralClustering
 from fmnist_dask.results import ClusterResult
@@ -26,7 +26,7 @@ from fmnist_dask.sampling import Sample, take_rows
 
 
 def kmeans(X: da.Array, spec: KMeansSpec, seed: int, method: str, features: str,
-           divide_by: float = 1.0, max_local_bytes: int = 2**30
+           divide_by: float = 1.0, max_local_bytes: int = MAX_LOCAL_BYTES
            ) -> tuple[ClusterResult, DaskKMeans]:
     """Fit :class:`DaskKMeans` (k-means|| then Lloyd) on ``X / divide_by``; label every row.
 
