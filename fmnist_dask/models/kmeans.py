@@ -77,15 +77,24 @@ def _sqnorms(x: np.ndarray, dtype: Any = None) -> np.ndarray:
     return np.einsum("ij,ij->i", x, x, dtype=dtype)
 
 
-def _scores(xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.ndarray:
-    """||c||^2 - 2 x.c for every row and centre (rows x centres), in a scratch buffer.
+def _products(xs: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """-2 x.c for every row and centre (rows x centres), in a scratch buffer.
 
-    Equal to the squared distance minus ||x||^2, which does not change the ranking.
     The result is overwritten by the next call in the same thread.
     """
     out = scratch("scores", (len(xs), len(centers)), np.result_type(xs, centers))
     # x.(-2c) is -2(x.c) bit for bit (scaling by a power of two is exact): one pass less
-    np.matmul(xs, (centers * -2).T, out=out)
+    return np.matmul(xs, (centers * -2).T, out=out)
+
+
+def _scores(xs: np.ndarray, centers: np.ndarray, c_sqnorm: np.ndarray) -> np.ndarray:
+    """||c||^2 - 2 x.c for every row and centre (rows x centres), in a scratch buffer.
+
+    Equal to the squared distance minus ||x||^2, which does not change the ranking.
+    The result is overwritten by the next call in the same thread. (The Lloyd kernels add
+    ``c_sqnorm`` inside their compiled loops instead: a pass less over the product.)
+    """
+    out = _products(xs, centers)
     out += c_sqnorm
     return out
 
@@ -152,6 +161,8 @@ class _Rows:
         y = np.empty(x.shape, self.dtype) if out is None else out
         if self.divide_by == 1.0:
             np.copyto(y, x, casting="unsafe")
+        elif x.dtype == np.uint8 and x.flags.c_contiguous:
+            _divide_uint8(x.reshape(-1), self.dtype.type(self.divide_by), y.reshape(-1))
         else:  # one pass: numpy casts each value to the float dtype, then divides
             np.divide(x, self.dtype.type(self.divide_by), out=y, dtype=self.dtype)
         return y
@@ -166,7 +177,33 @@ class _Rows:
         # (3x slower); the indices are valid by construction
         if self.raw.dtype == self.dtype and self.divide_by == 1.0:
             return np.take(self.raw, rows, axis=0, mode="clip", out=out)
+        if self.raw.dtype == np.uint8 and self.divide_by != 1.0:
+            passes.note("scaled", len(rows) * self.raw.shape[1])
+            return _take_divide_uint8(self.raw, rows, self.dtype.type(self.divide_by), out)
         return self._convert(np.take(self.raw, rows, axis=0, mode="clip"), out)
+
+
+# uint8 pixels to float rows in compiled loops: numpy's divide with a cast goes through a
+# buffer (0.25 ns per value here against 0.18 ns), and a gather then a divide is two
+# passes (0.35 ns against 0.21 ns; 10,000 x 784 block, ad-hoc timing, docs/benchmarks.md).
+# The same IEEE operations as numpy: float(x) / float(divide_by), correctly rounded.
+
+
+@numba.njit(cache=True, nogil=True)
+def _divide_uint8(x: np.ndarray, divisor: Any, out: np.ndarray) -> None:  # pragma: no cover
+    for i in range(x.size):
+        out[i] = out.dtype.type(x[i]) / divisor
+
+
+@numba.njit(cache=True, nogil=True)
+def _take_divide_uint8(
+    raw: np.ndarray, rows: np.ndarray, divisor: Any, out: np.ndarray
+) -> np.ndarray:  # pragma: no cover (compiled)
+    for r in range(rows.size):
+        src = raw[rows[r]]
+        for j in range(src.size):
+            out[r, j] = out.dtype.type(src[j]) / divisor
+    return out
 
 
 def float_dtype(dtype: Any) -> np.dtype:
@@ -235,22 +272,29 @@ def _k_candidate_counts(
 
 # numpy's argmin and partition over a short last axis (k = 10 centres of a run) pay a
 # per-row overhead larger than their arithmetic: they took a third of a PCA-10 fit
-# (docs/benchmarks.md, "Big data, session 9"). These loops visit each score once. Same
-# results as numpy: the first index of the minimum, the same float64 operations.
+# (docs/benchmarks.md, "Big data, session 9"). These loops visit each product once and
+# add the centres' squared norms as they go (as a separate numpy pass, that addition cost
+# as much as the argmin: 4.5 s of a 17 s PCA-10 fit). Same results as numpy: the first
+# index of the minimum, and the float32 score ``float32(product + c_sqnorm)`` that numpy's
+# ``scores += c_sqnorm`` stores (the sum in float64 when ``c_sqnorm`` is float64).
 
 
 @numba.njit(cache=True, nogil=True)
-def _group_argmin(scores: np.ndarray, k: int) -> np.ndarray:  # pragma: no cover (compiled)
-    """Index of the minimum within each group of ``k`` columns (the first on ties)."""
-    n, width = scores.shape
+def _group_argmin(
+    products: np.ndarray, c_sqnorm: np.ndarray, k: int
+) -> np.ndarray:  # pragma: no cover (compiled)
+    """Index of the smallest score within each group of ``k`` columns (the first on
+    ties); the score of column j is ``products[:, j] + c_sqnorm[j]`` stored as float32."""
+    n, width = products.shape
     runs = width // k
     out = np.empty((n, runs), dtype=np.int64)
     for i in range(n):
         for r in range(runs):
-            best = scores[i, r * k]
+            c0 = r * k
+            best = products.dtype.type(products[i, c0] + c_sqnorm[c0])
             at = 0
             for j in range(1, k):
-                v = scores[i, r * k + j]
+                v = products.dtype.type(products[i, c0 + j] + c_sqnorm[c0 + j])
                 if v < best:
                     best = v
                     at = j
@@ -260,12 +304,12 @@ def _group_argmin(scores: np.ndarray, k: int) -> np.ndarray:  # pragma: no cover
 
 @numba.njit(cache=True, nogil=True)
 def _group_nearest_two(
-    scores: np.ndarray, xnorm: np.ndarray, k: int
+    products: np.ndarray, c_sqnorm: np.ndarray, xnorm: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover (compiled)
     """Per row and group of ``k`` columns: the index of the smallest squared distance
-    ``max(float64(score) + xnorm, 0)`` (the first on ties), that distance and the
-    second smallest (inf for k = 1)."""
-    n, width = scores.shape
+    ``max(float64(score) + xnorm, 0)`` (the first on ties; the score as in
+    :func:`_group_argmin`), that distance and the second smallest (inf for k = 1)."""
+    n, width = products.shape
     runs = width // k
     label = np.empty((n, runs), dtype=np.int64)
     first = np.empty((n, runs))
@@ -277,7 +321,8 @@ def _group_nearest_two(
             b2 = np.inf
             at = 0
             for j in range(k):
-                v = max(np.float64(scores[i, r * k + j]) + xn, 0.0)
+                score = products.dtype.type(products[i, r * k + j] + c_sqnorm[r * k + j])
+                v = max(np.float64(score) + xn, 0.0)
                 if v < b1:
                     b2 = b1
                     b1 = v
@@ -298,7 +343,7 @@ def _nearest_multi(
     ``centers`` is (runs * k, d): one BLAS product serves all runs. Returns the nearest
     index within its run, shape (rows, runs).
     """
-    return _group_argmin(_scores(xs, centers, c_sqnorm), len(centers) // runs)
+    return _group_argmin(_products(xs, centers), c_sqnorm, len(centers) // runs)
 
 
 # Per-row state of the Lloyd iterations, one float64 row per data row:
@@ -369,12 +414,32 @@ def _k_bounded_assign(
             xs = xb.take(idx, "rows")
         # float32 product, squared distances in float64 from here
         label, first, second = _group_nearest_two(
-            _scores(xs, centers, c_sqnorm), np.ascontiguousarray(xnorm[idx]), k)
+            _products(xs, centers), c_sqnorm, np.ascontiguousarray(xnorm[idx]), k)
         rows = idx[:, None]
         out[rows, lab_cols] = label
         out[rows, up_cols] = np.sqrt(first) * (1 + _BOUND_SLACK)
         out[rows, lo_cols] = np.sqrt(second) * (1 - _BOUND_SLACK)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _changed_rows(
+    old: np.ndarray, new: np.ndarray, runs: int
+) -> np.ndarray:  # pragma: no cover (compiled)
+    """Rows whose label (state columns 1..runs) differs between two states, ascending.
+
+    One pass over the label columns; as numpy expressions (casts, comparison, any,
+    flatnonzero) this bookkeeping was a tenth of a PCA-10 fit.
+    """
+    out = np.empty(new.shape[0], dtype=np.int64)
+    m = 0
+    for i in range(new.shape[0]):
+        for r in range(1, 1 + runs):
+            if old[i, r] != new[i, r]:
+                out[m] = i
+                m += 1
+                break
+    return out[:m]
 
 
 def _k_moves(
@@ -389,21 +454,21 @@ def _k_moves(
     d = xb.shape[1]
     out = np.zeros((runs * k, d + 1))
     offsets = np.arange(runs) * k
-    new_l = new[:, 1 : 1 + runs].astype(np.int64)
-    old_l = np.full_like(new_l, -1) if old is None else old[:, 1 : 1 + runs].astype(np.int64)
+    rows = np.arange(len(new)) if old is None else _changed_rows(old, new, runs)
+    new_l = new[rows, 1 : 1 + runs].astype(np.int64)
+    old_l = np.full_like(new_l, -1) if old is None else old[rows, 1 : 1 + runs].astype(np.int64)
     moved = old_l != new_l
-    rows = np.flatnonzero(moved.any(axis=1))
     for s in range(0, len(rows), SUB_ROWS):
         idx = rows[s : s + SUB_ROWS]
-        mv = moved[idx]
+        mv, nl, ol = moved[s : s + SUB_ROWS], new_l[s : s + SUB_ROWS], old_l[s : s + SUB_ROWS]
         w = scratch("weights", (len(idx), runs * k), xb.dtype)
         w[:] = 0
         # one +1 (new cluster) and at most one -1 (old cluster, a different column) per
         # moved row and run; runs own disjoint columns, so plain assignment is exact
         r_in, c_in = np.nonzero(mv)
-        w[r_in, new_l[idx][r_in, c_in] + offsets[c_in]] = 1
-        r_out, c_out = np.nonzero(mv & (old_l[idx] >= 0))
-        w[r_out, old_l[idx][r_out, c_out] + offsets[c_out]] = -1
+        w[r_in, nl[r_in, c_in] + offsets[c_in]] = 1
+        r_out, c_out = np.nonzero(mv & (ol >= 0))
+        w[r_out, ol[r_out, c_out] + offsets[c_out]] = -1
         xs = xb.take(idx, "rows")
         # float32 BLAS over <= SUB_ROWS rows (weights +-1), float64 across sub-blocks.
         out[:, :d] += w.T @ xs
