@@ -215,6 +215,9 @@ def test_local_cluster_session():
         spill = session.client.run(
             lambda: __import__("dask").config.get("distributed.worker.memory.spill"))
         assert set(spill.values()) == {0.65}
+        # OpenMP threads of the workers sleep when they wait (WORKER_OMP_ENV)
+        policy = session.client.run(lambda: __import__("os").environ.get("OMP_WAIT_POLICY"))
+        assert set(policy.values()) == {"PASSIVE"}
         assert session.dashboard_link.startswith("http://127.0.0.1:")
         _check_sum_on_all_workers(session.client, 2)
         # The workers keep freed heap memory (WORKER_MALLOC_ENV); trim_worker_memory, run
