@@ -102,6 +102,12 @@ def _clean(job: JobState) -> StageOutput:
         # Read once and keep the uint8 pixels (a quarter of float32) in worker memory:
         # k-means and PCA pass over them many times; each pass rescales block by block.
         data.raw_pixels = data.raw_pixels.persist()
+    # Row ids and classes (9 bytes a row) stay in worker memory too. Read from the files,
+    # their tasks would be root tasks, which the scheduler holds back while the workers
+    # are busy with tasks already sent to them, whatever the priorities: the reduce stage
+    # waited 13 s for the raw silhouette's 246 tasks to drain before writing its rows
+    # (docs/benchmarks.md, "Big data, session 12").
+    data.row_id, data.label = data.row_id.persist(), data.label.persist()
     return (data, list(counts.read)), {"rows": counts.as_dict()["total"]}
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import threading
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from fmnist_dask._blocks import is_persisted
 from fmnist_dask.config import parse_job_spec
 from fmnist_dask.pipeline import STAGES, JobState, Stage, enabled_stages, run_stages
 from fmnist_dask.rundir import open_run
@@ -99,6 +102,29 @@ def test_the_first_failing_stage_stops_the_run_with_its_own_error(tmp_path):
     time.sleep(0.7)  # the slow stage ends after the run did: it writes nothing any more
     assert json.loads((tmp_path / "f.failed" / "manifest.json").read_text()) == written
     assert sorted(p.name for p in (tmp_path / "f.failed").iterdir()) == ["manifest.json"]
+
+
+def test_the_clean_stage_keeps_row_ids_and_classes_on_the_workers(tmp_path, subset_csv,
+                                                                   dask_client):
+    # Later stages must not read them from the files: those reads would be root tasks,
+    # which the scheduler holds back while the workers run tasks already sent to them,
+    # whatever the stages' priorities (the reduce stage once waited 13 s that way).
+    spec = parse_job_spec({"data": {"format": "csv", "dir": str(subset_csv)},
+                           "persist_max_bytes": 0})
+    session = SimpleNamespace(client=dask_client, description={
+        "workers": [{"memory_limit_bytes": 4 * 2**30}] * 2})
+    with open_run(tmp_path, "clean", {}) as run:
+        job = JobState(spec=spec, run=run, session=session)
+        run_stages(job, enabled_stages(spec, [s for s in STAGES if s.name in ("load", "clean")]))
+        data, _ = job.outputs["clean"]
+        cleaned = pd.read_parquet(run.dir / "cleaned").sort_values("row_id")
+    assert job.manifest["pixels"]["in_worker_memory"] is False  # persist_max_bytes: 0
+    for column, values in (("row_id", data.row_id), ("label", data.label)):
+        # only the held blocks are left in the graph: nothing to read
+        assert len(values.__dask_graph__()) == values.numblocks[0], column
+        assert is_persisted(values), column
+        read = np.sort(values.compute())
+        assert np.array_equal(read, np.sort(cleaned[column].to_numpy())), column
 
 
 def _results(run_dir):
