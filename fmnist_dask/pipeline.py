@@ -246,7 +246,10 @@ class Stage:
     priority : int
         Dask priority of the stage's tasks: while stages share the workers, the ready tasks
         of the higher one run first. Without it the oldest graph goes first, and a model fit
-        of a second waits behind the hundreds of silhouette tasks submitted before it.
+        of a second waits behind the hundreds of silhouette tasks submitted before it. The
+        job's levels: 0 for the data and the model fits, -1 for the t-SNE fit (one long
+        task that would take a core from the short fits that become ready with it; it
+        uses both cores once they are done), -2 for the scores.
     """
 
     name: str
@@ -287,7 +290,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("augment", _augment, enabled=lambda s: s.augment.enabled),
     Stage("load", _load, needs=("augment",)),  # reads what augment wrote, when it runs
     Stage("clean", _clean, needs=("load",)),
-    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled, priority=-1),
+    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled),
     Stage("kmeans_raw", _kmeans_raw, needs=("clean",), enabled=_method_enabled("kmeans_raw")),
     Stage("reduce", _reduce, needs=("clean",), enabled=lambda s: s.reduce.enabled),
     Stage("kmeans_pca", _kmeans_pca, needs=("reduce",), enabled=_method_enabled("kmeans_pca")),
@@ -295,9 +298,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("gmm", _gmm, needs=("sample",), enabled=_method_enabled("gmm")),
     Stage("spectral", _spectral, needs=("sample",), enabled=_method_enabled("spectral")),
     Stage("manifold_gmm", _manifold, needs=("sample",), enabled=_method_enabled("manifold_gmm")),
-    Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled),
+    Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled, priority=-1),
     # The scores are most of the tasks and only evaluate waits for them: they yield.
-    *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-1)
+    *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-2)
       for m in METHODS),
     Stage("evaluate", _evaluate, needs=tuple(f"score_{m}" for m in METHODS),
           enabled=_any_method),
