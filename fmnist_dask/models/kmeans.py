@@ -102,10 +102,10 @@ def _products(xs: np.ndarray, centers: np.ndarray) -> np.ndarray:
     width = _product_width(n, d)
     dtype = np.result_type(xs, centers)
     out = scratch("scores", (len(xs), width), dtype)
-    # x.(-2c) is -2(x.c) bit for bit (scaling by a power of two is exact): one pass less
-    right = centers * -2 if width == n else np.zeros((width, d), dtype)
-    if width != n:
-        np.multiply(centers, -2, out=right[:n])
+    # x.(-2c) is -2(x.c) bit for bit (scaling by a power of two is exact): one pass less;
+    # the padding rows stay zero
+    right = np.zeros((width, d), dtype)
+    np.multiply(centers, -2, out=right[:n])
     return np.matmul(xs, right.T, out=out)[:, :n]
 
 
