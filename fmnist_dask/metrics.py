@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import dask
 import dask.array as da
+import numba
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
@@ -75,8 +76,8 @@ def sum_of_squares(X: Any, labels: Any, centers: np.ndarray, split_every: int = 
 
 # --- silhouette ------------------------------------------------------------------------
 
-#: Rows x columns of one distance tile inside a silhouette task (float64: 2 MiB).
-_TILE_ROWS = 256
+#: Rows x columns of one distance tile inside a silhouette task (float32: 2 MiB).
+_TILE_ROWS = 512
 _TILE_COLS = 1024
 
 
@@ -104,8 +105,38 @@ def _augmented(x: np.ndarray, dtype: Any, left: bool) -> np.ndarray:
     return out
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+def _add_tile(tile: np.ndarray, bounds: np.ndarray, labels_i: np.ndarray, both: bool,
+              r_i: np.ndarray, acc_j: np.ndarray, zero: Any) -> None:  # pragma: no cover
+    """Distances from a tile of squared distances, added up per cluster, in one pass.
+
+    ``tile`` (rows of block i x columns of block j) is overwritten with its distances
+    (negatives from rounding count as 0). Block j's rows are sorted by cluster: cluster c
+    holds columns ``bounds[c]:bounds[c + 1]``. Adds to ``r_i[a, c]`` (float64) row a's
+    distances to cluster c and, when ``both``, to ``acc_j[labels_i[a], b]`` (float32) each
+    distance of column b to row a's cluster (``acc_j`` and the sums within a row in the
+    tile's precision, as a product with a one-hot matrix would add them; ``zero`` is 0 in
+    it). Sums run in any order (``reassoc``, so that they vectorise): the same inputs give
+    the same sums.
+    """
+    for a in range(tile.shape[0]):
+        row = tile[a]
+        for b in range(row.shape[0]):
+            v = row[b]
+            row[b] = np.sqrt(v if v > zero else zero)
+        if both:
+            out = acc_j[labels_i[a]]
+            for b in range(row.shape[0]):
+                out[b] += row[b]
+        for c in range(len(bounds) - 1):
+            total = zero
+            for b in range(bounds[c], bounds[c + 1]):
+                total += row[b]
+            r_i[a, c] += total
+
+
 def _cluster_distance_sums(
-    xi: np.ndarray, xj: np.ndarray, lj: np.ndarray | None, li: np.ndarray | None,
+    xi: np.ndarray, xj: np.ndarray, lj: np.ndarray, li: np.ndarray | None,
     k: int, dtype: Any, both: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-cluster sums of Euclidean distances between two blocks of rows.
@@ -114,24 +145,38 @@ def _cluster_distance_sums(
     label c of ||x_a - x_b|| (shape n_i x k) and, when ``both``, ``r_j`` the same for the
     rows of block j against block i (the distance tile is symmetric: computed once).
     """
-    left, right = _augmented(xi, dtype, left=True), _augmented(xj, dtype, left=False)
-    oj = _onehot(lj, k, dtype)
-    oi = _onehot(li, k, dtype) if both else None
+    # Both blocks sorted by cluster: a cluster's columns are then one run of each tile,
+    # added up by _add_tile in the pass that takes the square roots, instead of products
+    # with one-hot matrices (4k flops a distance: more than the distance itself after the
+    # PCA, where this is 1.6x faster; docs/benchmarks.md, "Exact silhouette").
+    order_j = np.argsort(lj, kind="stable")
+    right = _augmented(xj[order_j], dtype, left=False)
+    labels_j = lj[order_j]
+    if both:
+        order_i = np.argsort(li, kind="stable")
+        xi, labels_i = xi[order_i], li[order_i].astype(np.int64)
+    else:
+        labels_i = np.zeros(len(xi), np.int64)
+    left = _augmented(xi, dtype, left=True)
     r_i = np.zeros((len(left), k))
     r_j = np.zeros((len(right), k)) if both else None
-    for a in range(0, len(left), _TILE_ROWS):
-        la = left[a : a + _TILE_ROWS]
-        for b in range(0, len(right), _TILE_COLS):
-            rb = right[b : b + _TILE_COLS]
+    for b in range(0, len(right), _TILE_COLS):
+        rb = right[b : b + _TILE_COLS]
+        bounds = np.searchsorted(labels_j[b : b + _TILE_COLS], np.arange(k + 1))
+        for a in range(0, len(left), _TILE_ROWS):
+            la = left[a : a + _TILE_ROWS]
             # tile of distances, in a reused buffer (fresh ones cost page faults)
             t = scratch("sil_dist", (len(la), len(rb)), dtype)
             np.matmul(la, rb.T, out=t)
-            np.maximum(t, 0.0, out=t)  # rounding can leave tiny negatives
-            np.sqrt(t, out=t)
-            r_i[a : a + _TILE_ROWS] += t @ oj[b : b + _TILE_COLS]
+            acc = scratch("sil_acc", (k if both else 1, len(rb)), dtype)
+            acc[...] = 0
+            _add_tile(t, bounds, labels_i[a : a + _TILE_ROWS], both, r_i[a : a + _TILE_ROWS],
+                      acc, t.dtype.type(0))
             if both:
-                # (k x rows) @ tile reads the tile row by row: faster than tile.T @ onehot
-                r_j[b : b + _TILE_COLS] += (oi[a : a + _TILE_ROWS].T @ t).T
+                r_j[b : b + _TILE_COLS] += acc.T
+    if both:
+        r_i[order_i] = r_i.copy()
+        r_j[order_j] = r_j.copy()
     return r_i, r_j
 
 
