@@ -63,6 +63,8 @@ def test_real_idx_counts_classes_and_scaling_match_numpy(tmp_path, real_dir, rea
     first = data.pixels[:5].compute()
     np.testing.assert_array_equal(first, (train_x[:5] / np.float32(255)).astype(np.float32))
     np.testing.assert_array_equal(data.label[:60000].compute(), train_y)
+    # each row's split, made per block from the files' statistics
+    assert data.split.compute().tolist() == ["train"] * 60000 + ["test"] * 10000
     for png in ("sample_images.png", "class_distribution.png", "pixel_histogram.png"):
         assert (out / "eda" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

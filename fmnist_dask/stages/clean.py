@@ -304,15 +304,26 @@ class CleanData:
     raw_pixels : dask.array, shape (n_rows, 784), uint8
         Pixels as stored (a quarter of the float32 size: what to keep in memory).
     row_id : dask.array, shape (n_rows,), int64
-    split : dask.array, shape (n_rows,), object (split names)
     label : dask.array, shape (n_rows,), int8
         Class ids (-1 when unlabelled); for evaluation only, never given to a model.
+    block_splits : tuple of str
+        The split of each block's rows (a cleaned file holds rows of one split).
     """
 
     raw_pixels: da.Array
     row_id: da.Array
-    split: da.Array
     label: da.Array
+    block_splits: tuple[str, ...]
+
+    @property
+    def split(self) -> da.Array:
+        """dask.array, shape (n_rows,), object: each row's split name.
+
+        Made per block beside the labels, not read from the files: reads are root tasks,
+        which the scheduler holds back while the workers are busy, and the labels are kept
+        in worker memory (pipeline's clean stage).
+        """
+        return self.label.map_blocks(_split_block, self.block_splits, dtype=object)
 
     @property
     def pixels(self) -> da.Array:
@@ -322,6 +333,26 @@ class CleanData:
     @property
     def n_rows(self) -> int:
         return int(self.raw_pixels.shape[0])
+
+
+def _split_block(labels: np.ndarray, splits: tuple[str, ...],
+                 block_id: tuple[int] = (0,)) -> np.ndarray:
+    return np.full(len(labels), splits[block_id[0]], dtype=object)
+
+
+def _split_of_part(footer: pq.FileMetaData, path: Path) -> str:
+    """The split of a cleaned file's rows, from its column statistics (no data read)."""
+    if footer.num_rows == 0:
+        return ""
+    column = footer.schema.to_arrow_schema().get_field_index("split")
+    names = set()
+    for group in range(footer.num_row_groups):
+        stats = footer.row_group(group).column(column).statistics
+        names |= {stats.min, stats.max} if stats is not None and stats.has_min_max else {None}
+    if len(names) != 1 or None in names:
+        raise InputError(f"{path}: a cleaned file must hold the rows of one split, "
+                         f"its statistics say {sorted(map(str, names))}")
+    return names.pop()
 
 
 def _scale_block(block: np.ndarray) -> np.ndarray:
@@ -349,7 +380,8 @@ def load_cleaned(run_dir: Path) -> CleanData:
     parts = cleaned_parts(run_dir)
     if not parts:
         raise InputError(f"{run_dir / runfiles.CLEANED}: no pixel files (part-*.parquet)")
-    lengths = [pixelfiles.check_part(p).num_rows for p in parts]
+    footers = [pixelfiles.check_part(p) for p in parts]
+    lengths = [f.num_rows for f in footers]
 
     def stack(reader, dtype, *args, width: int | None = None) -> da.Array:
         blocks = [
@@ -365,6 +397,6 @@ def load_cleaned(run_dir: Path) -> CleanData:
                             shape=(n, N_PIXELS), dtype=np.uint8)
             for p, n in zip(parts, lengths, strict=True)]),
         row_id=stack(pixelfiles.read_column, np.int64, "row_id"),
-        split=stack(pixelfiles.read_column, object, "split"),
         label=stack(pixelfiles.read_column, np.int8, "label"),
+        block_splits=tuple(_split_of_part(f, p) for f, p in zip(footers, parts, strict=True)),
     )
