@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dask
 
@@ -247,9 +248,14 @@ class Stage:
         Dask priority of the stage's tasks: while stages share the workers, the ready tasks
         of the higher one run first. Without it the oldest graph goes first, and a model fit
         of a second waits behind the hundreds of silhouette tasks submitted before it. The
-        job's levels: 0 for the data and the model fits, -1 for the t-SNE fit (one long
-        task that would take a core from the short fits that become ready with it; it
-        uses both cores once they are done), -2 for the scores.
+        job's levels: 0 for the data and the model fits, -1 for the scores.
+    alone : bool
+        The stage's work takes every core of its host (the t-SNE fit runs its own threads).
+        When the cluster's workers share one host, it starts once no other stage is
+        running or ready, and no other stage starts until it is done: beside other stages
+        it would get part of the cores and hold a worker thread while their tasks queue
+        behind it (docs/benchmarks.md, "The notebook against the job"). On a cluster of
+        several hosts it runs like any other stage.
     """
 
     name: str
@@ -257,6 +263,7 @@ class Stage:
     needs: tuple[str, ...] = ()
     enabled: Callable[[JobSpec], bool] = lambda spec: True
     priority: int = 0
+    alone: bool = False
 
 
 #: The clustering methods, in the order of the metrics table and the assignments' columns.
@@ -298,9 +305,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("gmm", _gmm, needs=("sample",), enabled=_method_enabled("gmm")),
     Stage("spectral", _spectral, needs=("sample",), enabled=_method_enabled("spectral")),
     Stage("manifold_gmm", _manifold, needs=("sample",), enabled=_method_enabled("manifold_gmm")),
-    Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled, priority=-1),
+    Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled, alone=True),
     # The scores are most of the tasks and only evaluate waits for them: they yield.
-    *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-2)
+    *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-1)
       for m in METHODS),
     Stage("evaluate", _evaluate, needs=tuple(f"score_{m}" for m in METHODS),
           enabled=_any_method),
@@ -322,9 +329,27 @@ def enabled_stages(spec: JobSpec, stages: Iterable[Stage] = STAGES) -> dict[str,
     return graph
 
 
+def _one_host(description: dict) -> bool:
+    """Whether every worker of the cluster (``ClusterSession.description``) is on one host."""
+    return len({urlsplit(w["address"]).hostname for w in description.get("workers", [])}) <= 1
+
+
+def _to_start(ready: list[Stage], running: list[Stage], one_host: bool) -> list[Stage]:
+    """Which of the ``ready`` stages start now, beside the ``running`` ones."""
+    if not one_host:
+        return ready
+    if any(s.alone for s in running):
+        return []
+    shared = [s for s in ready if not s.alone]
+    return shared if shared or running else ready[:1]
+
+
 def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
     """Run ``stages`` (from :func:`enabled_stages`), each in its own thread once its needs
     are done; return when all are done.
+
+    A stage marked ``alone`` waits, on a cluster of one host, until no other stage is
+    running or ready, and runs by itself (see :class:`Stage`).
 
     The first stage that fails stops the run: its error is raised here (in the calling
     thread, so the command line maps it to its exit code) and no further stage starts; the
@@ -347,11 +372,12 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
         except BaseException as error:  # handed to the calling thread, which raises it
             finished.put((stage.name, error))
 
+    one_host = job.session is None or _one_host(job.session.description)
     while pending or running:
         ready = [s for s in pending.values() if set(s.needs) <= done]
         if not ready and not running:
             raise RuntimeError(f"stages whose needs never run: {sorted(pending)}")
-        for stage in ready:
+        for stage in _to_start(ready, [stages[n] for n in running], one_host):
             del pending[stage.name]
             running.add(stage.name)
             # The thread sees this thread's context: the session's client is current there.

@@ -18,7 +18,15 @@ import pytest
 
 from fmnist_dask._blocks import is_persisted
 from fmnist_dask.config import parse_job_spec
-from fmnist_dask.pipeline import STAGES, JobState, Stage, enabled_stages, run_stages
+from fmnist_dask.pipeline import (
+    STAGES,
+    JobState,
+    Stage,
+    _one_host,
+    _to_start,
+    enabled_stages,
+    run_stages,
+)
 from fmnist_dask.rundir import open_run
 from tests.conftest import N_TEST, N_TRAIN, cli, write_job
 
@@ -76,6 +84,39 @@ def test_independent_stages_run_at_the_same_time_each_once_its_needs_are_done(tm
     assert written["stages"] == records
 
 
+def test_a_stage_that_runs_alone_waits_for_the_others_and_none_starts_beside_it(tmp_path):
+    def sleep(seconds):
+        return lambda job: (time.sleep(seconds), {})
+
+    stages = {
+        "a": Stage("a", sleep(0)),
+        "fit": Stage("fit", sleep(0.2), needs=("a",), alone=True),
+        "b": Stage("b", sleep(0.2), needs=("a",)),
+        "c": Stage("c", sleep(0.2), needs=("b",)),  # ready only after fit is
+        "after": Stage("after", sleep(0), needs=("fit",)),
+    }
+    manifest: dict = {}
+    with open_run(tmp_path, "alone", manifest) as run:
+        run_stages(_job(run), stages)
+    records = manifest["stages"]
+    assert records["fit"]["start"] >= max(records["b"]["end"], records["c"]["end"])
+    assert records["after"]["start"] >= records["fit"]["end"]
+
+
+def test_a_stage_runs_alone_only_on_a_cluster_of_one_host():
+    def workers(*addresses):
+        return {"workers": [{"address": a} for a in addresses]}
+
+    assert _one_host(workers("tcp://127.0.0.1:4001", "tcp://127.0.0.1:4002"))
+    assert not _one_host(workers("tcp://10.0.0.5:4001", "tcp://10.0.0.6:4001"))
+    fit, other = Stage("fit", None, alone=True), Stage("other", None)
+    assert _to_start([fit, other], [], one_host=True) == [other]
+    assert _to_start([fit], [other], one_host=True) == []
+    assert _to_start([fit], [], one_host=True) == [fit]
+    assert _to_start([other], [fit], one_host=True) == []
+    assert _to_start([fit, other], [other], one_host=False) == [fit, other]
+
+
 def test_the_first_failing_stage_stops_the_run_with_its_own_error(tmp_path):
     started = []
 
@@ -111,8 +152,9 @@ def test_the_clean_stage_keeps_row_ids_and_classes_on_the_workers(tmp_path, subs
     # whatever the stages' priorities (the reduce stage once waited 13 s that way).
     spec = parse_job_spec({"data": {"format": "csv", "dir": str(subset_csv)},
                            "persist_max_bytes": 0})
-    session = SimpleNamespace(client=dask_client, description={
-        "workers": [{"memory_limit_bytes": 4 * 2**30}] * 2})
+    session = SimpleNamespace(client=dask_client, description={"workers": [
+        {"address": address, "memory_limit_bytes": 4 * 2**30}
+        for address in dask_client.scheduler_info(n_workers=-1)["workers"]]})
     with open_run(tmp_path, "clean", {}) as run:
         job = JobState(spec=spec, run=run, session=session)
         run_stages(job, enabled_stages(spec, [s for s in STAGES if s.name in ("load", "clean")]))
