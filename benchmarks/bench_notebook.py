@@ -19,7 +19,9 @@ least one of its stages ran, not their sum, which counts overlaps twice (the sum
 in the JSON as ``stage_seconds_sum``). Beside each row's wall time
 the table gives its task time (how long its tasks ran on the workers, from the manifest):
 a stage's wall time also counts the time its tasks queued behind other stages' on the two
-worker threads. Notebook and job alternate per
+worker threads. After each job run, the job's t-SNE fit runs again alone (its sample, the same
+estimator and seed, a process of its own with every core: the same KL divergence), for the
+issue's "t-SNE stage within 1.2x of the same openTSNE fit alone". Notebook and job alternate per
 repeat, so a load change on the machine hits both.
 
 Reproduce (from the repository root, after ``make install`` and ``make data``)::
@@ -121,6 +123,31 @@ def _covered(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+#: The job's t-SNE fit alone: its sample (the rows of its embedding, in that order, from
+#: its projection), the same estimator and seed, in a process of its own with every core.
+TSNE_ALONE = r'''
+import glob, json, sys, time
+import numpy as np, pandas as pd
+from fmnist_dask.models.tsne import TSNEEmbedding
+run = sys.argv[1]
+spec = json.load(open(f"{run}/manifest.json"))["job"]
+projected = pd.read_parquet(f"{run}/projected").set_index("row_id")
+order = pd.read_parquet(f"{run}/embedding")["row_id"]
+rows = projected.loc[order, [c for c in projected.columns if c.startswith("pc")]]
+start = time.perf_counter()
+model = TSNEEmbedding(perplexity=spec["tsne"]["perplexity"], n_jobs=-1,
+                      random_state=spec["seed"]).fit(rows.to_numpy(np.float64))
+print(json.dumps({"seconds": time.perf_counter() - start, "rows": len(rows),
+                  "kl_divergence": float(model.kl_divergence_)}))
+'''
+
+
+def run_tsne_alone(run_dir: Path) -> dict:
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", TSNE_ALONE,
+                          str(run_dir)], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def run_job(csv: Path, work: Path, name: str) -> dict:
     spec = yaml.safe_load((REPO / "jobs" / "fashion_mnist.yaml").read_text())
     spec["data"]["dir"] = str(csv.parent)
@@ -140,7 +167,10 @@ def run_job(csv: Path, work: Path, name: str) -> dict:
     busy = {stage: sum(end - start for intervals in info.get("workers", {}).values()
                        for start, end in intervals)
             for stage, info in manifest["stages"].items()}
+    tsne = manifest.get("tsne", {})
     return {"wall_s": wall, "manifest_s": manifest["seconds"], "stages": stages,
+            "tsne_alone": run_tsne_alone(work / name),
+            "tsne_kl_divergence": tsne.get("kl_divergence"),
             "seconds": {row: _covered([spans[s] for s in parts if s in spans])
                         for row, parts in ROWS.items()},
             "stage_seconds_sum": {row: sum(stages.get(s, 0.0) for s in parts)
@@ -176,6 +206,10 @@ def main() -> None:
              "job_s": statistics.median(r["wall_s"] for r in job),
              "job_manifest_s": statistics.median(r["manifest_s"] for r in job)}
     total["ratio"] = total["notebook_s"] / total["job_s"]
+    tsne = {"alone_s": statistics.median(r["tsne_alone"]["seconds"] for r in job),
+            "job_stage_s": median(job, "t-SNE")}
+    tsne["job_over_alone"] = tsne["job_stage_s"] / tsne["alone_s"]
+    total["tsne"] = tsne
     result = {"load_average": os.getloadavg(), "csv": str(args.csv), "table": table,
               "total": total, "notebook": notebook, "job": job}
     print("| stage | notebook (s) | job: stage wall (s) | job: task time (s) "
@@ -186,6 +220,8 @@ def main() -> None:
               f"{cells['job_task_s']:.1f} | {ratio} |")
     print(f"| **total (wall)** | **{total['notebook_s']:.1f}** | **{total['job_s']:.1f}** | | "
           f"**{total['ratio']:.1f}x** |")
+    print(f"t-SNE: the job's stage {tsne['job_stage_s']:.1f} s, the same openTSNE fit alone "
+          f"{tsne['alone_s']:.1f} s: {tsne['job_over_alone']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
