@@ -29,6 +29,10 @@ def _write_block(index: np.ndarray, *blocks: np.ndarray, names: list[str], out_d
     return np.array([len(frame)])
 
 
+def _block_number(block: np.ndarray, block_id: tuple[int, ...] = (0,)) -> np.ndarray:
+    return np.array([block_id[0]], dtype=np.int64)
+
+
 def write_aligned_parquet(out_dir: Path, columns: dict[str, da.Array]) -> int:
     """Write row-aligned arrays as ``out_dir/part.N.parquet``, one file per row block.
 
@@ -66,8 +70,11 @@ def write_aligned_parquet(out_dir: Path, columns: dict[str, da.Array]) -> int:
         arrays.append(array)
     # One blockwise task per row block (its position comes in as a one-element block):
     # picking the blocks one by one (``a.blocks[i].to_delayed()``) costs a pass over the
-    # whole graph per block, minutes of client time at 700 blocks.
-    index = da.arange(len(chunks), chunks=1)
+    # whole graph per block, minutes of client time at 700 blocks. The positions are made
+    # from the first array's blocks, not by ``da.arange``: those would be root tasks, which
+    # the scheduler holds back while the workers are busy with other stages' tasks.
+    index = first.map_blocks(_block_number, chunks=((1,) * len(chunks),),
+                             drop_axis=list(range(1, first.ndim)), dtype=np.int64)
     pairs = [(a, "ij" if a.ndim == 2 else "i") for a in arrays]
     written = da.blockwise(
         _write_block, "i", index, "i", *[x for pair in pairs for x in pair],
