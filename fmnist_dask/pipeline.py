@@ -173,6 +173,15 @@ def _manifold(job: JobState) -> StageOutput:
     return result, result.scores
 
 
+def _sample_is_all_rows(job: JobState) -> bool:
+    """Whether the sample is every row: the other stages are then short and the t-SNE fit is
+    the job's longest step, so it runs alone with every core. On more rows it runs beside
+    the k-means and scores that take longer than it (16x: 131 s alone, 117 s beside them;
+    docs/benchmarks.md, "Session 13")."""
+    data, _ = job.outputs["clean"]
+    return job.outputs["sample"].size >= data.n_rows
+
+
 def _tsne(job: JobState) -> StageOutput:
     data, _ = job.outputs["clean"]
     embedding, summary = embed.tsne(job.features("pca"), job.outputs["sample"], data.row_id,
@@ -249,13 +258,14 @@ class Stage:
         of the higher one run first. Without it the oldest graph goes first, and a model fit
         of a second waits behind the hundreds of silhouette tasks submitted before it. The
         job's levels: 0 for the data and the model fits, -1 for the scores.
-    alone : bool
-        The stage's work takes every core of its host (the t-SNE fit runs its own threads).
-        When the cluster's workers share one host, it starts once no other stage is
-        running or ready, and no other stage starts until it is done: beside other stages
-        it would get part of the cores and hold a worker thread while their tasks queue
-        behind it (docs/benchmarks.md, "The notebook against the job"). On a cluster of
-        several hosts it runs like any other stage.
+    alone : callable
+        ``alone(job) -> bool``, asked once its needs are done: whether the stage's work
+        takes every core of its host (the t-SNE fit runs its own threads) and should have
+        them. When it says so and the cluster's workers share one host, the stage starts
+        once no other stage is running or ready, and no other stage starts until it is
+        done: beside other stages it would get part of the cores and hold a worker thread
+        while their tasks queue behind it (docs/benchmarks.md, "The notebook against the
+        job"). On a cluster of several hosts it runs like any other stage.
     """
 
     name: str
@@ -263,7 +273,7 @@ class Stage:
     needs: tuple[str, ...] = ()
     enabled: Callable[[JobSpec], bool] = lambda spec: True
     priority: int = 0
-    alone: bool = False
+    alone: Callable[[JobState], bool] = lambda job: False
 
 
 #: The clustering methods, in the order of the metrics table and the assignments' columns.
@@ -305,7 +315,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("gmm", _gmm, needs=("sample",), enabled=_method_enabled("gmm")),
     Stage("spectral", _spectral, needs=("sample",), enabled=_method_enabled("spectral")),
     Stage("manifold_gmm", _manifold, needs=("sample",), enabled=_method_enabled("manifold_gmm")),
-    Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled, alone=True),
+    Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled,
+          alone=_sample_is_all_rows),
     # The scores are most of the tasks and only evaluate waits for them: they yield.
     *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-1)
       for m in METHODS),
@@ -334,13 +345,13 @@ def _one_host(description: dict) -> bool:
     return len({urlsplit(w["address"]).hostname for w in description.get("workers", [])}) <= 1
 
 
-def _to_start(ready: list[Stage], running: list[Stage], one_host: bool) -> list[Stage]:
-    """Which of the ``ready`` stages start now, beside the ``running`` ones."""
-    if not one_host:
-        return ready
-    if any(s.alone for s in running):
+def _to_start(ready: list[Stage], running: list[Stage],
+              alone: Callable[[Stage], bool]) -> list[Stage]:
+    """Which of the ``ready`` stages start now, beside the ``running`` ones; ``alone(stage)``
+    says whether a stage runs by itself."""
+    if any(alone(s) for s in running):
         return []
-    shared = [s for s in ready if not s.alone]
+    shared = [s for s in ready if not alone(s)]
     return shared if shared or running else ready[:1]
 
 
@@ -348,8 +359,8 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
     """Run ``stages`` (from :func:`enabled_stages`), each in its own thread once its needs
     are done; return when all are done.
 
-    A stage marked ``alone`` waits, on a cluster of one host, until no other stage is
-    running or ready, and runs by itself (see :class:`Stage`).
+    A stage whose ``alone`` says so waits, on a cluster of one host, until no other stage
+    is running or ready, and runs by itself (see :class:`Stage`).
 
     The first stage that fails stops the run: its error is raised here (in the calling
     thread, so the command line maps it to its exit code) and no further stage starts; the
@@ -373,11 +384,15 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
             finished.put((stage.name, error))
 
     one_host = job.session is None or _one_host(job.session.description)
+
+    def alone(stage: Stage) -> bool:
+        return one_host and stage.alone(job)
+
     while pending or running:
         ready = [s for s in pending.values() if set(s.needs) <= done]
         if not ready and not running:
             raise RuntimeError(f"stages whose needs never run: {sorted(pending)}")
-        for stage in _to_start(ready, [stages[n] for n in running], one_host):
+        for stage in _to_start(ready, [stages[n] for n in running], alone):
             del pending[stage.name]
             running.add(stage.name)
             # The thread sees this thread's context: the session's client is current there.

@@ -90,7 +90,7 @@ def test_a_stage_that_runs_alone_waits_for_the_others_and_none_starts_beside_it(
 
     stages = {
         "a": Stage("a", sleep(0)),
-        "fit": Stage("fit", sleep(0.2), needs=("a",), alone=True),
+        "fit": Stage("fit", sleep(0.2), needs=("a",), alone=lambda job: True),
         "b": Stage("b", sleep(0.2), needs=("a",)),
         "c": Stage("c", sleep(0.2), needs=("b",)),  # ready only after fit is
         "after": Stage("after", sleep(0), needs=("fit",)),
@@ -109,12 +109,22 @@ def test_a_stage_runs_alone_only_on_a_cluster_of_one_host():
 
     assert _one_host(workers("tcp://127.0.0.1:4001", "tcp://127.0.0.1:4002"))
     assert not _one_host(workers("tcp://10.0.0.5:4001", "tcp://10.0.0.6:4001"))
-    fit, other = Stage("fit", None, alone=True), Stage("other", None)
-    assert _to_start([fit, other], [], one_host=True) == [other]
-    assert _to_start([fit], [other], one_host=True) == []
-    assert _to_start([fit], [], one_host=True) == [fit]
-    assert _to_start([other], [fit], one_host=True) == []
-    assert _to_start([fit, other], [other], one_host=False) == [fit, other]
+    fit, other = Stage("fit", None), Stage("other", None)
+
+    def alone(stage):
+        return stage is fit
+
+    assert _to_start([fit, other], [], alone) == [other]
+    assert _to_start([fit], [other], alone) == []
+    assert _to_start([fit], [], alone) == [fit]
+    assert _to_start([other], [fit], alone) == []
+    assert _to_start([fit, other], [other], lambda stage: False) == [fit, other]
+    # the t-SNE fit has the host to itself when its sample is every row (the rest is short)
+    tsne = {s.name: s for s in STAGES}["tsne"]
+    for n_rows, sample_size, expected in ((60_000, 60_000, True), (1_120_000, 70_000, False)):
+        job = SimpleNamespace(outputs={"clean": (SimpleNamespace(n_rows=n_rows), ["train"]),
+                                       "sample": SimpleNamespace(size=sample_size)})
+        assert tsne.alone(job) is expected
 
 
 def test_the_first_failing_stage_stops_the_run_with_its_own_error(tmp_path):
