@@ -184,7 +184,20 @@ def _pair_task(
     xi: np.ndarray, li: np.ndarray, xj: np.ndarray, lj: np.ndarray, k: int, dtype: Any,
     same: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    return _cluster_distance_sums(xi, xj, lj, li, k, dtype, both=not same)
+    if not same:
+        return _cluster_distance_sums(xi, xj, lj, li, k, dtype, both=True)
+    # A block against itself: each pair of its parts once, both ways (the distances are
+    # symmetric), 15 of the 25 part pairs of a 5,000-row block.
+    sums = np.zeros((len(xi), k))
+    for p in range(0, len(xi), _TILE_COLS):
+        for q in range(p, len(xi), _TILE_COLS):
+            part_p, part_q = slice(p, p + _TILE_COLS), slice(q, q + _TILE_COLS)
+            r_p, r_q = _cluster_distance_sums(xi[part_p], xi[part_q], li[part_q], li[part_p],
+                                              k, dtype, both=q != p)
+            sums[part_p] += r_p
+            if q != p:
+                sums[part_q] += r_q
+    return sums, None
 
 
 def _first(pair: tuple) -> np.ndarray:
