@@ -19,10 +19,10 @@ least one of its stages ran, not their sum, which counts overlaps twice (the sum
 in the JSON as ``stage_seconds_sum``). Beside each row's wall time
 the table gives its task time (how long its tasks ran on the workers, from the manifest):
 a stage's wall time also counts the time its tasks queued behind other stages' on the two
-worker threads. After each job run, the job's t-SNE fit runs again alone (its sample, the same
-estimator and seed, a process of its own with every core: the same KL divergence), for the
-issue's "t-SNE stage within 1.2x of the same openTSNE fit alone". Notebook and job alternate per
-repeat, so a load change on the machine hits both.
+worker threads. After each job run, the job's t-SNE fit runs again alone (its sample, the
+same estimator and seed, a process of its own with every core: the same KL divergence to 12
+digits), for the issue's "t-SNE stage within 1.2x of the same openTSNE fit alone". Notebook
+and job alternate per repeat, so a load change on the machine hits both.
 
 Reproduce (from the repository root, after ``make install`` and ``make data``)::
 
