@@ -126,7 +126,7 @@ def _covered(intervals: list[tuple[float, float]]) -> float:
 #: The job's t-SNE fit alone: its sample (the rows of its embedding, in that order, from
 #: its projection), the same estimator and seed, in a process of its own with every core.
 TSNE_ALONE = r'''
-import glob, json, sys, time
+import json, sys, time
 import numpy as np, pandas as pd
 from fmnist_dask.models.tsne import TSNEEmbedding
 run = sys.argv[1]

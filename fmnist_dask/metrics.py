@@ -81,10 +81,6 @@ _TILE_ROWS = 512
 _TILE_COLS = 1024
 
 
-def _onehot(labels: np.ndarray, k: int, dtype: Any) -> np.ndarray:
-    return (labels[:, None] == np.arange(k)).astype(dtype)
-
-
 def _augmented(x: np.ndarray, dtype: Any, left: bool) -> np.ndarray:
     """Rows [x, |x|^2, 1] (``left``) or [-2x, 1, |x|^2]: their products are squared distances.
 
