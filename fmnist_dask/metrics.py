@@ -297,25 +297,32 @@ def silhouette_samples_exact(
     xs = list(X.to_delayed().ravel())
     ls = list(labels.to_delayed().ravel())
     nb = len(xs)
-    # Keys named after this computation, not just the functions (see task_key).
-    token = task_key("silhouette", X.name, labels.name, k, np.dtype(dtype).str, split_every)
+    # Keys named after this computation (see task_key), and one name per kind of task: the
+    # scheduler expects a task to take as long as earlier ones whose key starts with the
+    # same word. Pair tasks (a second on the pixels) named like the sums and picks beside
+    # them (microseconds) looked nearly free, so it never moved them off the worker that
+    # held their blocks while the other worker idled (docs/benchmarks.md, session 14).
+    parts = (X.name, labels.name, k, np.dtype(dtype).str, split_every)
+    pairs = task_key(f"silhouette_pairs_{np.dtype(dtype).name}_d{X.shape[1]}", *parts)
+    rows, sums, name = (task_key(f"silhouette_{kind}", *parts)
+                        for kind in ("rows", "sums", "blocks"))
     task = dask.delayed(_pair_task, pure=True, nout=None)
     contrib: list[list] = [[] for _ in range(nb)]
     for i in range(nb):
         for j in range(i, nb):
             pair = task(xs[i], ls[i], xs[j], ls[j], k, dtype, i == j,
-                        dask_key_name=(f"{token}-pair", i, j))
+                        dask_key_name=(pairs, i, j))
             contrib[i].append(dask.delayed(_first, pure=True)(
-                pair, dask_key_name=(f"{token}-rows", i, j)))
+                pair, dask_key_name=(rows, i, j)))
             if j != i:
                 contrib[j].append(dask.delayed(_second, pure=True)(
-                    pair, dask_key_name=(f"{token}-rows", j, i)))
+                    pair, dask_key_name=(rows, j, i)))
     finish = dask.delayed(_silhouette_from_sums, pure=True)
     blocks = [
         da.from_delayed(
-            finish(_tree_add(contrib[i], split_every, (f"{token}-sum", i)), ls[i], counts,
-                   dask_key_name=(token, i)),
-            shape=(X.chunks[0][i],), dtype=np.float64, name=f"{token}-block-{i}",
+            finish(_tree_add(contrib[i], split_every, (sums, i)), ls[i], counts,
+                   dask_key_name=(name, i)),
+            shape=(X.chunks[0][i],), dtype=np.float64, name=f"{name}-{i}",
         )
         for i in range(nb)
     ]

@@ -67,10 +67,33 @@ def test_silhouettes_of_two_stages_at_once_keep_their_own_tasks(real_clustered, 
     def silhouette_tasks_per_span(dask_scheduler, ids):
         spans = dask_scheduler.extensions["spans"].spans
         return [sum(sum(group.states.values()) for group in spans[i].groups
-                    if group.name.startswith("silhouette-")) for i in ids]
+                    if group.name.startswith("silhouette")) for i in ids]
 
     first, second = dask_client.run_on_scheduler(silhouette_tasks_per_span, ids=span_ids)
     assert first == second > 0  # the same computation on other rows: as many tasks each
+
+
+def test_exact_silhouette_pair_tasks_have_a_task_prefix_of_their_own(real_clustered):
+    # The scheduler estimates a task's duration from the finished tasks of its prefix
+    # (key_split of its key) and moves queued tasks to an idle worker only when that
+    # estimate says it pays. The pairs (a second each on 784 pixels) shared a prefix with
+    # the picks and sums beside them and with the 10-column silhouettes' pairs (ms): they
+    # looked free, and in the job one worker idled while the other had 80 of them queued.
+    from distributed.utils import key_split
+
+    X, labels, _ = real_clustered
+    prefixes = {}
+    for data in (X, X[:, :10]):
+        graph = metrics.silhouette_samples_exact(
+            da.from_array(data, chunks=(700, data.shape[1])), labels, block_size=700,
+        ).__dask_graph__()
+        for key in graph:
+            kind = "pairs" if "silhouette_pairs" in str(key) else "other"
+            prefixes.setdefault(key_split(key), set()).add((kind, data.shape[1]))
+    pair_prefixes = {p: kinds for p, kinds in prefixes.items() if ("pairs", 784) in kinds
+                     or ("pairs", 10) in kinds}
+    assert len(pair_prefixes) == 2, pair_prefixes  # one per width of the rows
+    assert all(len(kinds) == 1 for kinds in pair_prefixes.values()), pair_prefixes
 
 
 def test_exact_silhouette_samples_match_with_singletons_and_gaps():
