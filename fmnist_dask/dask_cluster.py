@@ -469,6 +469,38 @@ def _environment_probe(packages: dict[str, str]) -> dict[str, list]:
     return result
 
 
+def _kernel_probe() -> dict[str, str | None]:
+    """The numeric kernels this process runs, which can change results in their last bits.
+
+    ``blas``: the BLAS library, its version and the CPU core type whose kernels it picked
+    at run time (OpenBLAS's ``DYNAMIC_ARCH``); ``numba_cpu``: the CPU numba compiles for.
+    The same code on AVX-512 and on AVX2 kernels gives the manifold method another
+    partition (docs/quality.md, "Seed 0 today"). Self-contained: it is shipped by value.
+    """
+    import os
+
+    found: dict[str, str | None] = {"blas": None, "numba_cpu": None}
+    try:
+        import numpy  # noqa: F401 - loads its BLAS, which threadpoolctl lists only then
+        from threadpoolctl import threadpool_info
+
+        blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+        if blas:
+            found["blas"] = " ".join(str(blas[0][key]) for key in
+                                     ("internal_api", "version", "architecture")
+                                     if blas[0].get(key))
+    except Exception:  # a description, never a reason to fail
+        pass
+    try:
+        import llvmlite.binding
+
+        found["numba_cpu"] = (os.environ.get("NUMBA_CPU_NAME")
+                              or llvmlite.binding.get_host_cpu_name())
+    except Exception:
+        pass
+    return found
+
+
 def _by_value(func: Callable) -> Callable:
     """A copy of ``func`` that cloudpickle ships by value, not as ``fmnist_dask.<name>``.
 
@@ -742,11 +774,18 @@ def _dashboard_link(client: Any) -> str | None:
 
 
 def _describe(client: Any, target: ClusterTarget, versions: dict[str, str | None],
-              dashboard: str | None) -> dict[str, Any]:
+              dashboard: str | None, timeout: float = 60.0) -> dict[str, Any]:
     info = client.scheduler_info(n_workers=-1)
+    try:
+        kernels = call_with_timeout(
+            lambda: client.run(_by_value(_kernel_probe), on_error="return"), timeout,
+            "the workers' kernel report")
+    except ClusterError:
+        kernels = {}
     workers = sorted(
         ({"name": str(w.get("name")), "address": addr, "nthreads": int(w.get("nthreads", 0)),
-          "memory_limit_bytes": int(w.get("memory_limit") or 0)}
+          "memory_limit_bytes": int(w.get("memory_limit") or 0),
+          "kernels": k if isinstance(k := kernels.get(addr), dict) else None}
          for addr, w in info.get("workers", {}).items()),
         key=lambda w: (w["name"], w["address"]),
     )
@@ -962,7 +1001,7 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
         else:
             versions = local_versions()
         dashboard = _dashboard_link(client)
-        description = _describe(client, target, versions, dashboard)
+        description = _describe(client, target, versions, dashboard, workers_timeout)
         logger.info(
             "connected to %s: %d workers, %d threads, dashboard %s",
             description["address"], description["n_workers"], description["total_threads"],

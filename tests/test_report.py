@@ -81,6 +81,12 @@ def test_the_job_writes_a_report_that_loads_cleanly_in_chromium(runs, chromium):
     facts = page.result
 
     assert page.errors == []
+    # the workers' numeric kernels, which the results' last bits depend on, are in the header
+    kernels = {(w["kernels"]["blas"], w["kernels"]["numba_cpu"])
+               for w in manifest["cluster"]["workers"]}
+    html = (run / "report.html").read_text()
+    for blas, cpu in kernels:
+        assert f"BLAS {blas}, numba {cpu}" in html
     pngs = sorted(str(p.relative_to(run)) for p in run.rglob("*.png")
                   if p.name != screenshot.name)
     assert sorted(facts["images"]) == pngs  # every figure of the run, none twice

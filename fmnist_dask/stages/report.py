@@ -134,6 +134,9 @@ def _header(manifest: dict[str, Any], run_dir: Path) -> list[tuple[str, Any]]:
     cluster_text = (f"{cluster.get('kind', '?')} at {cluster.get('address', '?')}: "
                     f"{cluster.get('n_workers', len(workers))} workers, "
                     f"{cluster.get('total_threads', '?')} threads") if cluster else None
+    # Results can differ in their last bits between CPUs (docs/quality.md, "Seed 0 today")
+    kernels = sorted({f"BLAS {k.get('blas')}, numba {k.get('numba_cpu')}" for w in workers
+                      if isinstance(k := w.get("kernels"), dict)})
     limit = data.get("limit_rows")
     facts = [
         ("Run", manifest.get("run_name", run_dir.name)),
@@ -147,6 +150,7 @@ def _header(manifest: dict[str, Any], run_dir: Path) -> list[tuple[str, Any]]:
                   + (f", first {limit:,} rows of each split" if limit else "")),
         ("Rows kept", num(rows.get("kept")) if rows else None),
         ("Cluster", cluster_text),
+        ("Numeric kernels", "; ".join(kernels) or None),
         ("Command", " ".join(manifest.get("command", [])) or None),
     ]
     return [(name, value) for name, value in facts if value not in (None, "")]
