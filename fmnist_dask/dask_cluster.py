@@ -472,8 +472,9 @@ def _environment_probe(packages: dict[str, str]) -> dict[str, list]:
 def _kernel_probe() -> dict[str, str | None]:
     """The numeric kernels this process runs, which can change results in their last bits.
 
-    ``blas``: the BLAS library, its version and the CPU core type whose kernels it picked
-    at run time (OpenBLAS's ``DYNAMIC_ARCH``); ``numba_cpu``: the CPU numba compiles for.
+    ``blas``: each BLAS library loaded (numpy's, scipy's), its version and the CPU core type
+    whose kernels it picked at run time (OpenBLAS's ``DYNAMIC_ARCH``); ``numba_cpu``: the
+    CPU numba compiles for.
     The same code on AVX-512 and on AVX2 kernels gives the manifold method another
     partition (docs/quality.md, "Seed 0 today"). Self-contained: it is shipped by value.
     """
@@ -481,14 +482,15 @@ def _kernel_probe() -> dict[str, str | None]:
 
     found: dict[str, str | None] = {"blas": None, "numba_cpu": None}
     try:
-        import numpy  # noqa: F401 - loads its BLAS, which threadpoolctl lists only then
+        # numpy and scipy each load their own OpenBLAS; threadpoolctl lists those loaded
+        import numpy  # noqa: F401
+        import scipy.linalg  # noqa: F401
         from threadpoolctl import threadpool_info
 
-        blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
-        if blas:
-            found["blas"] = " ".join(str(blas[0][key]) for key in
-                                     ("internal_api", "version", "architecture")
-                                     if blas[0].get(key))
+        found["blas"] = " + ".join(sorted(
+            " ".join(str(lib[key]) for key in ("internal_api", "version", "architecture")
+                     if lib.get(key))
+            for lib in threadpool_info() if lib.get("user_api") == "blas")) or None
     except Exception:  # a description, never a reason to fail
         pass
     try:
