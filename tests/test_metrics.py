@@ -90,8 +90,8 @@ def test_exact_silhouette_pair_tasks_have_a_task_prefix_of_their_own(real_cluste
         for key in graph:
             kind = "pairs" if "silhouette_pairs" in str(key) else "other"
             prefixes.setdefault(key_split(key), set()).add((kind, data.shape[1]))
-    pair_prefixes = {p: kinds for p, kinds in prefixes.items() if ("pairs", 784) in kinds
-                     or ("pairs", 10) in kinds}
+    pair_prefixes = {p: kinds for p, kinds in prefixes.items()
+                     if any(kind == "pairs" for kind, _ in kinds)}
     assert len(pair_prefixes) == 2, pair_prefixes  # one per width of the rows
     assert all(len(kinds) == 1 for kinds in pair_prefixes.values()), pair_prefixes
 
