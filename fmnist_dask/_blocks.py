@@ -26,6 +26,62 @@ from dask.utils import funcname
 SUB_ROWS = 4096
 
 
+def _value(value: Any) -> Any:
+    return value
+
+
+def ship(value: Any, key: str | None = None) -> Any:
+    """``value`` (a fitted model, an index array) as one graph task that returns it.
+
+    Not ``dask.delayed(value)``: a bare value in the graph is data to produce
+    (``DataNode.data_producer``), and the distributed scheduler holds such tasks back
+    (``is_rootish``) while every worker has tasks assigned, whatever their priority: a
+    prediction at priority 0 waited for the hundreds of silhouette tasks (priority -1)
+    sent before it, up to 13 s in the job (docs/benchmarks.md, "Session 15"). A task that
+    returns the value goes out at once, in priority order. ``key``: give one for a large
+    value, which dask would otherwise hash on every call.
+    """
+    if key is None:
+        return dask.delayed(_value, pure=True)(value)
+    return dask.delayed(_value, pure=True)(value, dask_key_name=key)
+
+
+def whole_array(x: np.ndarray) -> da.Array:
+    """A numpy array as a one-block dask array, shipped as a task (see :func:`ship`;
+    ``da.from_array`` would make its block data to produce)."""
+    x = np.asarray(x)
+    return da.from_delayed(ship(x), shape=x.shape, dtype=x.dtype, meta=x[:0])
+
+
+def _rows_of(like_block: np.ndarray, whole: np.ndarray,
+             block_info: dict | None = None) -> np.ndarray:
+    start, stop = block_info[0]["array-location"][0]
+    return whole[start:stop]
+
+
+def rows_like(whole: np.ndarray, like: da.Array) -> da.Array:
+    """The rows of ``whole`` cut as the row blocks of ``like`` (same number of rows).
+
+    Each block is a slice of ``whole`` (shipped once per worker, see :func:`ship`) taken
+    beside ``like``'s block: a task that depends on it, so the scheduler sends it in
+    priority order (``da.from_array`` blocks are data to produce, held back while the
+    workers are busy) and to where the aligned block is.
+    """
+    whole = np.asarray(whole)
+    if whole.shape[0] != like.shape[0]:
+        raise ValueError(f"expected {like.shape[0]} rows, got {whole.shape[0]}")
+    if whole.ndim > 2 or like.ndim > 2:
+        raise ValueError("rows_like takes 1-D or 2-D arrays")
+    if like.ndim == 2 and like.numblocks[1] != 1:
+        like = like.rechunk({1: -1})
+    # map_blocks keeps like's axes: drop its columns or add whole's
+    extra = ({"drop_axis": [1]} if like.ndim > whole.ndim
+             else {"new_axis": [1]} if whole.ndim > like.ndim else {})
+    return da.map_blocks(_rows_of, like, whole=ship(whole), dtype=whole.dtype,
+                         chunks=(like.chunks[0], *((n,) for n in whole.shape[1:])),
+                         meta=whole[:0], **extra)
+
+
 def as_row_chunked(x: Any, dtype: Any | None = None) -> da.Array:
     """Return ``x`` as a 2-D dask array chunked by rows only (one column block).
 
@@ -41,7 +97,7 @@ def as_row_chunked(x: Any, dtype: Any | None = None) -> da.Array:
     dask.array.Array, shape (n_samples, n_features)
     """
     if not isinstance(x, da.Array):
-        x = da.from_array(np.asarray(x), chunks=(-1, -1))
+        x = whole_array(x)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {x.shape}")
     if any(np.isnan(c) for c in x.chunks[0]):
@@ -97,7 +153,7 @@ def per_block(
     X = as_row_chunked(X)
     if X.shape[1] != n_features:
         raise ValueError(f"X must have {n_features} columns, got shape {X.shape}")
-    shipped = dask.delayed(model, name=key, pure=True)
+    shipped = ship(model, key)
     if n_columns is None:
         return da.map_blocks(kernel, X, model=shipped, **kwargs, drop_axis=1, dtype=dtype,
                              meta=np.empty((0,), dtype=dtype))
@@ -158,7 +214,7 @@ def as_aligned_vector(v: Any, like: da.Array, name: str = "labels") -> da.Array:
     arr = np.asarray(v)
     if arr.ndim != 1 or arr.shape[0] != like.shape[0]:
         raise ValueError(f"{name} must have shape ({like.shape[0]},), got {arr.shape}")
-    return da.from_array(arr, chunks=(like.chunks[0],))
+    return rows_like(arr, like)
 
 
 def aligned_block(x: np.ndarray) -> np.ndarray:
@@ -202,7 +258,7 @@ def shared_consts(consts: tuple) -> tuple:
     shuffle of ``X[indices]``, see :func:`fmnist_dask.sampling.take_rows`.)
     """
     return tuple(
-        dask.delayed(c, pure=True)
+        ship(c)
         if isinstance(c, np.ndarray) and c.nbytes > SHARED_CONST_BYTES else c
         for c in consts
     )

@@ -29,9 +29,11 @@ from fmnist_dask._blocks import (
     as_row_chunked,
     block_partials,
     exact_sq_dists,
+    rows_like,
     scratch,
     task_key,
     tree_sum,
+    whole_array,
 )
 from fmnist_dask.sampling import take_rows
 
@@ -244,7 +246,7 @@ def _silhouette_from_sums(
 
 def _check_labels(labels: da.Array | np.ndarray, n: int) -> tuple[np.ndarray, int]:
     """Cluster sizes (bincount) and k; checks scikit-learn's 2 <= n_labels <= n - 1."""
-    lab = labels if isinstance(labels, da.Array) else da.from_array(np.asarray(labels))
+    lab = labels if isinstance(labels, da.Array) else whole_array(labels)
     lo, hi = dask.compute(lab.min(), lab.max())
     if lo < 0:
         raise ValueError("labels must be non-negative integers")
@@ -485,7 +487,7 @@ def silhouette_sampled(
     # one column per (group, cluster): one pass gives every jackknife replicate's sums
     columns = groups * k + ref_labels
     parts = block_partials(
-        _k_reference_sums, ref_x, da.from_array(columns, chunks=(ref_x.chunks[0],)),
+        _k_reference_sums, ref_x, rows_like(columns, ref_x),
         consts=(_augmented(sample, dtype, left=True), JACKKNIFE_GROUPS * k, dtype),
         out_shape=(m, JACKKNIFE_GROUPS * k),
     )
@@ -599,7 +601,7 @@ def contingency(y_true: Any, y_pred: Any, n_true: int, n_pred: int) -> np.ndarra
     """
     ref = y_pred if isinstance(y_pred, da.Array) else y_true
     if not isinstance(ref, da.Array):
-        ref = da.from_array(np.asarray(ref))
+        ref = whole_array(ref)
     yt = as_aligned_vector(y_true, ref[:, None], "y_true")
     yp = as_aligned_vector(y_pred, ref[:, None], "y_pred")
     lo, hi_t, hi_p = dask.compute(da.minimum(yt.min(), yp.min()), yt.max(), yp.max())

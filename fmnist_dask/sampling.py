@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import dask.array as da
 import numpy as np
 
+from fmnist_dask._blocks import ship
+
 #: Rows kept by default: the whole dataset up to this many rows, else a sample of this size.
 DEFAULT_SAMPLE_CAP = 70_000
 
@@ -115,16 +117,19 @@ def take_rows(X: da.Array, indices: np.ndarray) -> da.Array:
     bounds = np.cumsum((0, *X.chunks[0]))
     cuts = np.searchsorted(indices, bounds)
     counts = tuple(int(c) for c in np.diff(cuts))
-    local = da.from_array(indices - np.repeat(bounds[:-1], counts), chunks=(counts,))
-    axes = tuple(range(X.ndim))
-    return da.blockwise(
-        _select_rows, axes, X, axes, local, (0,), dtype=X.dtype, align_arrays=False,
-        adjust_chunks={0: counts}, meta=X._meta,
-    )
+    # The indices travel once per worker as a task (ship): cut into a da.from_array, their
+    # blocks would be data to produce, which the scheduler holds back while the workers
+    # have other tasks, whatever the priorities (docs/benchmarks.md, "Session 15").
+    return da.map_blocks(_select_rows, X, indices=ship(indices), cuts=cuts,
+                         chunks=(counts, *X.chunks[1:]), dtype=X.dtype, meta=X._meta)
 
 
-def _select_rows(block: np.ndarray, local_rows: np.ndarray) -> np.ndarray:
-    return block[local_rows]
+def _select_rows(block: np.ndarray, indices: np.ndarray, cuts: np.ndarray,
+                 block_info: dict | None = None) -> np.ndarray:
+    """The rows of ``block`` whose positions in the whole array are in ``indices``."""
+    (start, _), *_ = block_info[0]["array-location"]
+    i = block_info[0]["chunk-location"][0]
+    return block[indices[cuts[i]:cuts[i + 1]] - start]
 
 
 def uniform_row_sample(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dask
 import dask.array as da
 import numpy as np
@@ -15,6 +17,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
+from fmnist_dask._blocks import per_block, rows_like
 from fmnist_dask.models.extend import KNeighborsExtension
 from fmnist_dask.models.gmm import (
     fit_gmm,
@@ -121,6 +124,40 @@ def test_sampling_rejects_unknown_chunks_and_bad_indices():
         take_rows(x, np.array([3, 1]))
     with pytest.raises(IndexError):
         take_rows(x, np.array([1, 10]))
+
+
+def _busy(block: np.ndarray, seconds: float) -> np.ndarray:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return np.full(len(block), time.time())
+
+
+def _times_model(block: np.ndarray, model: float) -> np.ndarray:
+    return block[:, 0] * model
+
+
+def test_shipped_models_and_rows_go_ahead_of_lower_priority_tasks(dask_client):
+    # A model, row indices or rows sent to the workers for per-block work are tasks that
+    # the scheduler sends in priority order. As bare values in the graph (dask.delayed(x),
+    # da.from_array) they were data to produce, which the scheduler holds back while the
+    # workers have tasks queued, whatever the priorities: a fit's predictions waited for
+    # every silhouette task sent before them.
+    x = da.random.RandomState(0).random_sample((64_000, 4), chunks=(1_000, 4)).persist()
+    xs = x.compute()
+    with dask.annotate(priority=-1):  # ~1 s of work for each of the two workers
+        flood = x.map_blocks(_busy, 0.03, drop_axis=1, dtype=float).persist()
+    indices = np.arange(5, 64_000, 7)
+    whole = np.arange(64_000.0)
+    with dask.annotate(priority=0):
+        predicted, taken, aligned = dask.compute(
+            per_block(_times_model, x, np.float64(2.0), n_features=4, dtype=float),
+            take_rows(x, indices), rows_like(whole, x))
+    done = time.time()
+    np.testing.assert_array_equal(predicted, xs[:, 0] * 2.0)
+    np.testing.assert_array_equal(taken, xs[indices])
+    np.testing.assert_array_equal(aligned, whole)
+    assert done < flood.max().compute()  # finished while the flood still ran
 
 
 # --- Gaussian mixture -------------------------------------------------------------------------

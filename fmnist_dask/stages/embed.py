@@ -15,7 +15,7 @@ import dask.array as da
 import numpy as np
 
 from fmnist_dask import runfiles
-from fmnist_dask._blocks import on_worker, one_block
+from fmnist_dask._blocks import on_worker, one_block, rows_like
 from fmnist_dask.artefacts import write_aligned_parquet
 from fmnist_dask.config import TSNESpec
 from fmnist_dask.models.tsne import TSNEEmbedding, subsample_trustworthiness
@@ -55,7 +55,7 @@ def tsne(projected: da.Array, sample: Sample, row_id: da.Array, spec: TSNESpec, 
         coordinates = model.transform_blocks(projected, sample_indices=sample.indices)
     else:
         ids = take_rows(row_id, sample.indices)
-        coordinates = da.from_array(model.embedding_, chunks=(ids.chunks[0], 2))
+        coordinates = rows_like(model.embedding_, ids)
     write_aligned_parquet(out_dir / runfiles.EMBEDDING,
                           {"row_id": ids, "x": coordinates[:, 0], "y": coordinates[:, 1]})
     summary = {
