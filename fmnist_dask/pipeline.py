@@ -190,6 +190,13 @@ def _tsne(job: JobState) -> StageOutput:
     return embedding, summary
 
 
+def _tsne_trust(job: JobState) -> StageOutput:
+    value = embed.trustworthiness(job.outputs["sample"], job.outputs["tsne"], job.spec.seed)
+    # replaced whole: the manifest's nested records are never changed in place
+    job.manifest["tsne"] = {**job.manifest["tsne"], "trustworthiness": value}
+    return None, {"trustworthiness": value}
+
+
 def _scorer(method: str) -> Callable[[JobState], StageOutput]:
     """The stage that scores ``method`` (its silhouette, scores against the labels, PNGs)."""
     def score(job: JobState) -> StageOutput:
@@ -317,6 +324,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("manifold_gmm", _manifold, needs=("sample",), enabled=_method_enabled("manifold_gmm")),
     Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled,
           alone=_sample_is_all_rows),
+    Stage("tsne_trust", _tsne_trust, needs=("tsne",), enabled=lambda s: s.tsne.enabled),
     # The scores are most of the tasks and only evaluate waits for them: they yield.
     *(Stage(f"score_{m}", _scorer(m), needs=(m,), enabled=_method_enabled(m), priority=-1)
       for m in METHODS),

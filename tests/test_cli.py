@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.manifold import trustworthiness
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 from fmnist_dask.fetch import OFFICIAL_FILES, read_idx
@@ -88,7 +89,7 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(job_runs, real_a
     assert manifest["cluster"]["n_workers"] >= 1
     assert manifest["versions"]["dask"] and manifest["versions"]["scikit-learn"]
     for stage in ("load", "clean", "eda", "kmeans_raw", "reduce", "kmeans_pca", "sample", "gmm",
-                  "spectral", "tsne", "evaluate"):
+                  "spectral", "tsne", "tsne_trust", "evaluate"):
         assert manifest["stages"][stage]["status"] == "done"
         assert manifest["stages"][stage]["seconds"] > 0
     images = np.concatenate([real_arrays["train"][0][:N_TRAIN], real_arrays["test"][0][:N_TEST]])
@@ -111,6 +112,11 @@ def test_run_on_a_real_subset_produces_a_complete_run_directory(job_runs, real_a
     assert "| spectral | pca |" in (run / "comparison.md").read_text()
     embedding = pd.read_parquet(run / "embedding")
     assert list(embedding.columns) == ["row_id", "x", "y"] and len(embedding) == N_TRAIN + N_TEST
+    # the map's trustworthiness (computed on a worker after the fit): scikit-learn's on the
+    # written sample rows and coordinates (1,800 rows: all of them, under 5,000)
+    rows = pd.read_parquet(run / "projected").set_index("row_id").loc[embedding["row_id"]]
+    assert manifest["tsne"]["trustworthiness"] == pytest.approx(trustworthiness(
+        rows.to_numpy(), embedding[["x", "y"]].to_numpy(), n_neighbors=5), abs=1e-12)
     assignments = pd.read_parquet(run / "assignments").sort_values("row_id")
     assert len(assignments) == N_TRAIN + N_TEST
     labels = np.concatenate([real_arrays["train"][1][:N_TRAIN], real_arrays["test"][1][:N_TEST]])
