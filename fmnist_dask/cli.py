@@ -155,6 +155,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fmnist_dask.config import load_job_spec
+    from fmnist_dask.dask_cluster import StartingCluster, load_cluster_config
     from fmnist_dask.stages.load import check_inputs
 
     overrides = {
@@ -165,9 +166,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.job, overrides)
     if not spec.augment.enabled:  # augmented inputs are written by the job itself
         check_inputs(spec.data)  # before a cluster starts: a missing file is refused at once
-    from fmnist_dask.pipeline import run_job  # imports every stage: only once it is needed
+    target = load_cluster_config(
+        Path(spec.cluster.config) if spec.cluster.config else None, spec.cluster.scheduler)
+    # The workers boot while this process imports the stages (docs/benchmarks.md, "Session 15").
+    with StartingCluster(target) as cluster:
+        from fmnist_dask.pipeline import run_job  # imports every stage: only once it is needed
 
-    run_dir = run_job(spec, run_name=args.run_name)
+        run_dir = run_job(spec, run_name=args.run_name, cluster=cluster)
     print(run_dir)
     return EXIT_OK
 

@@ -953,14 +953,50 @@ def _start_cluster(target: ClusterTarget) -> tuple[Any, Any]:
     return cluster, cluster
 
 
+class StartingCluster:
+    """The cluster of ``target``, started in a background thread; :func:`open_cluster` takes it.
+
+    For the command line: a local cluster's worker processes boot (about 1 s) while the
+    client imports the stages (1.2 s), instead of after them. As a ``with`` block it
+    closes a cluster that no :func:`open_cluster` took (the run failed before connecting).
+    """
+
+    def __init__(self, target: ClusterTarget) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.target = target
+        self._taken = False
+        pool = ThreadPoolExecutor(1, thread_name_prefix="fmnist-dask-cluster-start")
+        self._started = pool.submit(_start_cluster, target)
+        pool.shutdown(wait=False)  # the thread ends once the cluster is up
+
+    def take(self) -> tuple[Any, Any]:
+        """``(cluster manager or None, what to hand to Client)``, once started; raises what
+        starting it raised."""
+        self._taken = True
+        return self._started.result()
+
+    def __enter__(self) -> StartingCluster:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._taken:
+            return
+        with contextlib.suppress(Exception):
+            cluster, _ = self._started.result()
+            if cluster is not None:
+                cluster.close(timeout=30)
+
+
 @contextlib.contextmanager
-def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Iterator[ClusterSession]:
+def open_cluster(target: ClusterTarget | StartingCluster, *, check_versions: bool = True
+                 ) -> Iterator[ClusterSession]:
     """Start or connect to the cluster described by ``target``; close what was opened on exit.
 
     Parameters
     ----------
-    target : ClusterTarget
-        From :func:`load_cluster_config`.
+    target : ClusterTarget or StartingCluster
+        From :func:`load_cluster_config`, or that target's cluster already starting.
     check_versions : bool
         Check that every worker imports fmnist_dask and has the client's key package versions.
 
@@ -978,7 +1014,10 @@ def open_cluster(target: ClusterTarget, *, check_versions: bool = True) -> Itera
         for ``connect_timeout`` seconds, or no worker is left for ``workers_timeout`` seconds
         (see :class:`ClusterWatchdog`); the block's own error is its ``__cause__``.
     """
-    cluster, where = _start_cluster(target)
+    if isinstance(target, StartingCluster):
+        target, (cluster, where) = target.target, target.take()
+    else:
+        cluster, where = _start_cluster(target)
     client = None
     watchdog = None
     forwarding = False

@@ -31,6 +31,7 @@ from fmnist_dask.augment import augment
 from fmnist_dask.config import JobSpec
 from fmnist_dask.dask_cluster import (
     ClusterSession,
+    StartingCluster,
     load_cluster_config,
     open_cluster,
     trim_worker_memory,
@@ -417,9 +418,14 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
             trim_worker_memory(job.session.client)
 
 
-def run_job(spec: JobSpec, run_name: str | None = None) -> Path:
-    """Run the whole job described by ``spec``; return the finished run directory."""
-    target = load_cluster_config(
+def run_job(spec: JobSpec, run_name: str | None = None,
+            cluster: StartingCluster | None = None) -> Path:
+    """Run the whole job described by ``spec``; return the finished run directory.
+
+    ``cluster``: the spec's cluster already starting (the command line starts it before it
+    imports this module); by default it is started here.
+    """
+    target = cluster or load_cluster_config(
         Path(spec.cluster.config) if spec.cluster.config else None, spec.cluster.scheduler
     )
     manifest = {"job": spec.model_dump(mode="json")}

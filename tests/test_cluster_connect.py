@@ -35,6 +35,7 @@ from fmnist_dask.dask_cluster import (
     RemoteConfig,
     RemoteTLSConfig,
     SlurmConfig,
+    StartingCluster,
     load_cluster_config,
     open_cluster,
     trim_worker_memory,
@@ -205,7 +206,8 @@ def test_optional_cluster_kinds_name_the_missing_package(name, module, package):
 def test_local_cluster_session():
     target = LocalConfig(n_workers=2, threads_per_worker=1, memory_limit="1GiB",
                          dashboard_address="127.0.0.1:0", memory_spill=0.65)
-    with open_cluster(target) as session:
+    # started in a background thread, as the command line does, then taken by open_cluster
+    with StartingCluster(target) as starting, open_cluster(starting) as session:
         desc = session.description
         assert desc["kind"] == "local" and desc["n_workers"] == 2
         assert [w["memory_limit_bytes"] for w in desc["workers"]] == [GiB, GiB]
@@ -271,6 +273,16 @@ def _rss() -> int:
 def tcp_cluster(tmp_path_factory):
     with dask_processes(tmp_path_factory.mktemp("tcp"), n_workers=2) as procs:
         yield procs
+
+
+def test_a_cluster_started_early_that_no_run_takes_is_closed():
+    starting = StartingCluster(LocalConfig(n_workers=1, threads_per_worker=1,
+                                           dashboard_address=None))
+    with starting:
+        pass  # e.g. the run directory exists: the run fails before it connects
+    cluster, _ = starting.take()
+    assert cluster.status.name == "closed"
+    assert cluster.scheduler.status.name == "closed"
 
 
 def test_remote_scheduler_with_two_workers(tcp_cluster):
