@@ -37,7 +37,7 @@ def ship(value: Any, key: str | None = None) -> Any:
     (``DataNode.data_producer``), and the distributed scheduler holds such tasks back
     (``is_rootish``) while every worker has tasks assigned, whatever their priority: a
     prediction at priority 0 waited for the hundreds of silhouette tasks (priority -1)
-    sent before it, up to 13 s in the job (docs/benchmarks.md, "Session 15"). A task that
+    sent before it, 11-15 s in the job (docs/benchmarks.md, "Session 15"). A task that
     returns the value goes out at once, in priority order. ``key``: give one for a large
     value, which dask would otherwise hash on every call.
     """
