@@ -120,15 +120,14 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _cmd_augment(args: argparse.Namespace) -> int:
     from fmnist_dask.augment import augment
     from fmnist_dask.config import load_job_spec
-    from fmnist_dask.dask_cluster import load_cluster_config, open_cluster
+    from fmnist_dask.dask_cluster import job_cluster_target, open_cluster
 
     overrides = {f"augment.{key}": getattr(args, key) for key in (
         "factor", "out", "seed", "csv", "shift", "rotate", "flip", "jitter", "noise")}
     overrides |= {"augment.source.dir": args.source_dir, "cluster.config": args.cluster,
                   "cluster.scheduler": args.scheduler}
     spec = load_job_spec(args.job, overrides)
-    target = load_cluster_config(
-        Path(spec.cluster.config) if spec.cluster.config else None, spec.cluster.scheduler)
+    target = job_cluster_target(spec.cluster)
     with open_cluster(target) as session:
         logging.getLogger("fmnist_dask").info("Dask dashboard: %s", session.dashboard_link)
         summary = augment(spec.augment.source, spec.augment, Path(spec.augment.out))
@@ -155,7 +154,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fmnist_dask.config import load_job_spec
-    from fmnist_dask.dask_cluster import StartingCluster, load_cluster_config
+    from fmnist_dask.dask_cluster import StartingCluster, job_cluster_target
     from fmnist_dask.stages.load import check_inputs
 
     overrides = {
@@ -166,8 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.job, overrides)
     if not spec.augment.enabled:  # augmented inputs are written by the job itself
         check_inputs(spec.data)  # before a cluster starts: a missing file is refused at once
-    target = load_cluster_config(
-        Path(spec.cluster.config) if spec.cluster.config else None, spec.cluster.scheduler)
+    target = job_cluster_target(spec.cluster)
     # The workers boot while this process imports the stages (docs/benchmarks.md, "Session 15").
     with StartingCluster(target) as cluster:
         from fmnist_dask.pipeline import run_job  # imports every stage: only once it is needed

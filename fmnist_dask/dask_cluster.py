@@ -392,6 +392,12 @@ def _scheduler_target(scheduler: str, base: ClusterTarget | None, source: str) -
         raise ClusterConfigError(message) from None
 
 
+def job_cluster_target(ref: Any) -> ClusterTarget:
+    """The cluster target a job spec's ``cluster:`` section (``config.ClusterRef``: a file,
+    a scheduler address, or neither for the default local cluster) names."""
+    return load_cluster_config(Path(ref.config) if ref.config else None, ref.scheduler)
+
+
 def load_cluster_config(path: Path | None, scheduler: str | None = None) -> ClusterTarget:
     """Load the cluster target from ``--cluster FILE`` and/or ``--scheduler ADDRESS``.
 

@@ -32,7 +32,7 @@ from fmnist_dask.config import JobSpec
 from fmnist_dask.dask_cluster import (
     ClusterSession,
     StartingCluster,
-    load_cluster_config,
+    job_cluster_target,
     open_cluster,
     trim_worker_memory,
 )
@@ -425,9 +425,7 @@ def run_job(spec: JobSpec, run_name: str | None = None,
     ``cluster``: the spec's cluster already starting (the command line starts it before it
     imports this module); by default it is started here.
     """
-    target = cluster or load_cluster_config(
-        Path(spec.cluster.config) if spec.cluster.config else None, spec.cluster.scheduler
-    )
+    target = cluster or job_cluster_target(spec.cluster)
     manifest = {"job": spec.model_dump(mode="json")}
     name = run_name or default_run_name(spec.name)
     with open_run(Path(spec.output_dir), name, manifest) as run, \
