@@ -26,7 +26,13 @@ from fmnist_dask.models.gmm import (
     score_blocks,
     score_samples_blocks,
 )
-from fmnist_dask.models.tsne import TSNEEmbedding, _slim_reference, subsample_trustworthiness
+from fmnist_dask.models.tsne import (
+    OverlappedFFTGradient,
+    TSNEEmbedding,
+    _fused_descent_class,
+    _slim_reference,
+    subsample_trustworthiness,
+)
 from fmnist_dask.sampling import (
     choose_sample_indices,
     default_sample_size,
@@ -343,6 +349,80 @@ def test_tsne_is_opentsne_with_the_same_settings(projected):
     reference = np.asarray(openTSNE.TSNE(neighbors="exact", **params).fit(X[:400].astype(float)))
     reference = reference - (reference.max(axis=0) + reference.min(axis=0)) / 2
     np.testing.assert_allclose(ours, reference, atol=1e-8)
+
+
+@pytest.fixture(scope="module")
+def fft_problem(projected) -> tuple[np.ndarray, object, np.ndarray]:
+    """3,000 real rows, their openTSNE affinities and an embedding after 30 steps."""
+    import openTSNE
+
+    X = np.ascontiguousarray(projected[0][:3000], dtype=np.float64)
+    embedding = openTSNE.TSNE(neighbors="exact", early_exaggeration_iter=30, n_iter=0,
+                              negative_gradient_method="fft", random_state=0).fit(X)
+    return X, embedding.affinities.P, np.ascontiguousarray(embedding, dtype=np.float64)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2, 3])
+def test_overlapped_fft_gradient_is_opentsnes_whatever_the_split(fft_problem, n_jobs):
+    from openTSNE.tsne import kl_divergence_fft
+
+    _, P, embedding = fft_problem
+    fft = {"n_interpolation_points": 3, "min_num_intervals": 50, "ints_in_interval": 4.0}
+    _, reference = kl_divergence_fft(embedding.copy(), P, 1, fft, n_jobs=1)
+    with OverlappedFFTGradient(n_jobs) as objective:
+        results = []
+        for share in (0.0, 0.3, 0.9, 1.0):
+            objective.head_share = share
+            results.append(objective(embedding.copy(), P, 1, fft, n_jobs=n_jobs)[1])
+        # The split moves towards balance after each step, within [0, 1].
+        assert 0.0 <= objective.head_share <= 1.0
+    scale = np.abs(reference).max()
+    for gradient in results:
+        # Rows split between the threads in any way give the same gradient, bit for bit...
+        np.testing.assert_array_equal(gradient, results[0])
+    # ...which is openTSNE's to rounding (the attraction is summed per row before the
+    # repulsion is added, openTSNE adds each term to the repulsion).
+    np.testing.assert_allclose(results[0], reference, rtol=0, atol=1e-13 * scale)
+
+
+@pytest.mark.parametrize("exaggeration", [12.0, None])
+def test_fused_gradient_descent_moves_points_as_opentsnes_optimiser(fft_problem, exaggeration):
+    from openTSNE.tsne import gradient_descent, kl_divergence_fft
+
+    _, P, start = fft_problem
+    params = {"n_iter": 25, "objective_function": kl_divergence_fft, "learning_rate": 250.0,
+              "momentum": 0.5, "exaggeration": exaggeration, "max_step_norm": 0.5,
+              "ints_in_interval": 4.0, "n_jobs": 1}
+    theirs_error, theirs = gradient_descent()(start.copy(), P, **params)
+    fused = _fused_descent_class()()
+    ours_error, ours = fused(start.copy(), P, **params)
+    # Step-norm clipping bites (0.5 units), and still the same points to the last bit.
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours_error == theirs_error
+    # P is given back as it came (the exaggeration is undone).
+    np.testing.assert_array_equal(P.data, fft_problem[1].data)
+    assert fused.gains is not None and not np.all(fused.gains == 1)
+
+
+def test_tsne_fft_fit_is_opentsne_with_the_same_settings(fft_problem):
+    import pickle
+
+    import openTSNE
+
+    X, _, _ = fft_problem
+    params = {"early_exaggeration_iter": 20, "n_iter": 20, "random_state": 1,
+              "negative_gradient_method": "fft", "n_jobs": 2}
+    ours = TSNEEmbedding(**params).fit(X)
+    reference = np.asarray(openTSNE.TSNE(neighbors="exact", **params).fit(X))
+    reference = reference - (reference.max(axis=0) + reference.min(axis=0)) / 2
+    # 40 steps from the same start: the rounding of the gradient's sums has not grown yet
+    # (t-SNE is chaotic: after 200 steps the maps differ visibly, equally good).
+    np.testing.assert_allclose(ours.embedding_, reference, rtol=0, atol=1e-8)
+    # The fitted model keeps openTSNE's own FFT method (transform prepares its grid only for
+    # that one) and no thread pool: it pickles and places new rows.
+    assert ours.reference_.gradient_descent_params["negative_gradient_method"] == "fft"
+    again = pickle.loads(pickle.dumps(ours))
+    np.testing.assert_array_equal(again.transform(X[:20]), ours.transform(X[:20]))
 
 
 def test_tsne_fitted_estimator_is_small_and_transforms_like_the_full_reference(projected):

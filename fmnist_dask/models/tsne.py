@@ -11,9 +11,15 @@ the sample and the 2-D reference points: about 5 MB for 70,000 rows of 10 compon
 from __future__ import annotations
 
 import copy
+import os
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import dask.array as da
+import numba
 import numpy as np
 from joblib import parallel_config
 from scipy.spatial import cKDTree
@@ -66,6 +72,246 @@ class KDTreeNeighbors:
         """The ``k`` nearest indexed points of each query row: indices and distances."""
         distances, indices = self.index.query(query, k=k, workers=self.n_jobs)
         return indices.reshape(len(query), k), distances.reshape(len(query), k)
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"})
+def _attraction_rows(indices: np.ndarray, indptr: np.ndarray, p: np.ndarray,
+                     embedding: np.ndarray, gradient: np.ndarray, start: int,
+                     stop: int) -> None:  # pragma: no cover
+    """Adds the attractive t-SNE gradient of rows ``start:stop`` (2-D, one degree of freedom).
+
+    openTSNE's ``estimate_positive_gradient_nn``: for each row i and each neighbour j in the
+    CSR affinities, ``p_ij q_ij (y_i - y_j)`` with ``q_ij = 1 / (1 + |y_i - y_j|^2)``. The
+    terms go to four running sums in registers (openTSNE adds each to ``gradient`` in
+    memory, one after another): the four divisions of a round overlap, 1.3x faster on one
+    thread here (docs/benchmarks.md, "The t-SNE gradient").
+    """
+    for i in range(start, stop):
+        xi, yi = embedding[i, 0], embedding[i, 1]
+        gx0 = gx1 = gx2 = gx3 = gy0 = gy1 = gy2 = gy3 = 0.0
+        k, end = indptr[i], indptr[i + 1]
+        while k + 4 <= end:
+            j0, j1, j2, j3 = indices[k], indices[k + 1], indices[k + 2], indices[k + 3]
+            dx0, dy0 = xi - embedding[j0, 0], yi - embedding[j0, 1]
+            dx1, dy1 = xi - embedding[j1, 0], yi - embedding[j1, 1]
+            dx2, dy2 = xi - embedding[j2, 0], yi - embedding[j2, 1]
+            dx3, dy3 = xi - embedding[j3, 0], yi - embedding[j3, 1]
+            pq0 = p[k] / (1.0 + (dx0 * dx0 + dy0 * dy0))
+            pq1 = p[k + 1] / (1.0 + (dx1 * dx1 + dy1 * dy1))
+            pq2 = p[k + 2] / (1.0 + (dx2 * dx2 + dy2 * dy2))
+            pq3 = p[k + 3] / (1.0 + (dx3 * dx3 + dy3 * dy3))
+            gx0 += pq0 * dx0
+            gy0 += pq0 * dy0
+            gx1 += pq1 * dx1
+            gy1 += pq1 * dy1
+            gx2 += pq2 * dx2
+            gy2 += pq2 * dy2
+            gx3 += pq3 * dx3
+            gy3 += pq3 * dy3
+            k += 4
+        while k < end:
+            j0 = indices[k]
+            dx0, dy0 = xi - embedding[j0, 0], yi - embedding[j0, 1]
+            pq0 = p[k] / (1.0 + (dx0 * dx0 + dy0 * dy0))
+            gx0 += pq0 * dx0
+            gy0 += pq0 * dy0
+            k += 1
+        gradient[i, 0] += (gx0 + gx1) + (gx2 + gx3)
+        gradient[i, 1] += (gy0 + gy1) + (gy2 + gy3)
+
+
+class OverlappedFFTGradient:
+    """openTSNE's FFT gradient with its two terms computed at the same time.
+
+    A drop-in ``negative_gradient_method`` for openTSNE's optimiser (it accepts a callable
+    with the signature of ``openTSNE.tsne.kl_divergence_fft``). openTSNE computes the
+    repulsive term (FFT interpolation on one thread, holding the GIL) and then the
+    attractive term (on its threads). Here the calling thread computes the repulsion and
+    then the attraction of the last rows, while the other threads take the attraction of
+    the first rows in one compiled call each (:func:`_attraction_rows`, without the GIL:
+    work handed out in small pieces would wait for the GIL the repulsion holds). Where the
+    rows split is adjusted after every step so that all threads finish together. Each
+    row's terms are computed as openTSNE does and the gradient is the repulsion plus the
+    row's attraction, so it agrees with openTSNE's to rounding (~1e-15 relative) and does
+    not depend on the split. docs/benchmarks.md, "The t-SNE gradient", has the timings.
+
+    Steps that evaluate the KL divergence, transforms (a reference embedding), other degrees
+    of freedom and 1-D embeddings go to openTSNE's own function.
+
+    Parameters
+    ----------
+    n_jobs : int
+        Threads, the calling one included (at least 1).
+    """
+
+    def __init__(self, n_jobs: int) -> None:
+        self.n_jobs = max(1, n_jobs)
+        self._pool = (ThreadPoolExecutor(self.n_jobs - 1, thread_name_prefix="tsne-gradient")
+                      if self.n_jobs > 1 else None)
+        #: Share of the rows whose attraction the other threads take (adjusted each step).
+        self.head_share = 0.5 if self.n_jobs > 1 else 0.0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self) -> OverlappedFFTGradient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(self, embedding: np.ndarray, P: Any, dof: float, fft_params: dict,
+                 reference_embedding: np.ndarray | None = None,
+                 should_eval_error: bool = False, n_jobs: int = 1,
+                 **kwargs: Any) -> tuple[float, np.ndarray]:
+        from openTSNE import _tsne
+        from openTSNE.tsne import kl_divergence_fft
+
+        if (should_eval_error or reference_embedding is not None or dof != 1
+                or embedding.ndim != 2 or embedding.shape[1] != 2):
+            return kl_divergence_fft(embedding, P, dof, fft_params, reference_embedding,
+                                     should_eval_error, n_jobs, **kwargs)
+        points = np.ascontiguousarray(embedding, dtype=np.float64)
+        n = len(points)
+        gradient = np.zeros_like(points)
+        head = int(round(self.head_share * n)) if self._pool is not None else 0
+        cuts = np.linspace(0, head, self.n_jobs).astype(np.int64)
+        started = [threading.Event() for _ in range(self.n_jobs - 1)]
+
+        def attract_head(part: int) -> float:
+            started[part].set()
+            began = time.perf_counter()
+            _attraction_rows(P.indices, P.indptr, P.data, points, gradient,
+                             cuts[part], cuts[part + 1])
+            return time.perf_counter() - began
+
+        heads = [self._pool.submit(attract_head, part) for part in range(self.n_jobs - 1)]
+        for event in started:  # let them into their compiled calls before the GIL is held
+            event.wait()
+        began = time.perf_counter()
+        repulsion = np.zeros_like(points)
+        _tsne.estimate_negative_gradient_fft_2d(points, repulsion, **fft_params, dof=dof)
+        repelled = time.perf_counter()
+        _attraction_rows(P.indices, P.indptr, P.data, points, gradient, head, n)
+        tail_seconds = time.perf_counter() - repelled
+        head_seconds = max([future.result() for future in heads], default=0.0)
+        gradient += repulsion
+        if heads:
+            self._rebalance(n, head, head_seconds, tail_seconds, repelled - began)
+        return 0.0, gradient
+
+    def _rebalance(self, n: int, head: int, head_seconds: float, tail_seconds: float,
+                   repulsion_seconds: float) -> None:
+        """Move the split so that the next step's threads finish together."""
+        # Seconds of attraction per row on one thread, from both sides' measurements.
+        per_row = (head_seconds * (self.n_jobs - 1) + tail_seconds) / max(n, 1)
+        if per_row <= 0:
+            return
+        # head rows on n_jobs - 1 threads take as long as the repulsion plus the tail rows:
+        # head / (n_jobs - 1) = repulsion / per_row + n - head
+        balanced = (repulsion_seconds / per_row + n) * (self.n_jobs - 1) / self.n_jobs
+        share = min(max(balanced / n, 0.0), 1.0)
+        self.head_share = 0.5 * self.head_share + 0.5 * share
+
+
+@numba.njit(cache=True, nogil=True)
+def _descent_step(embedding: np.ndarray, gradient: np.ndarray, update: np.ndarray,
+                  gains: np.ndarray, learning_rate: float, momentum: float, min_gain: float,
+                  max_step_norm: float) -> None:  # pragma: no cover
+    """One step of openTSNE's gradient descent with momentum and gains, in place, fused.
+
+    The same arithmetic, in the same order, as the numpy statements of
+    ``openTSNE.tsne.gradient_descent.__call__`` (gains, update, step-norm clipping, move),
+    in one pass over the rows instead of a dozen passes and boolean-indexed copies; the
+    centring that follows stays numpy's mean (its summation order).
+    """
+    for i in range(embedding.shape[0]):
+        norm2 = 0.0
+        for c in range(embedding.shape[1]):
+            if np.sign(update[i, c]) != np.sign(gradient[i, c]):
+                gains[i, c] += 0.2
+            else:
+                gains[i, c] = gains[i, c] * 0.8 + min_gain
+            update[i, c] = momentum * update[i, c] - learning_rate * gains[i, c] * gradient[i, c]
+            norm2 += update[i, c] * update[i, c]
+        norm = np.sqrt(norm2)
+        if norm > max_step_norm:
+            for c in range(embedding.shape[1]):
+                update[i, c] /= norm
+                update[i, c] *= max_step_norm
+        for c in range(embedding.shape[1]):
+            embedding[i, c] += update[i, c]
+
+
+def _fused_descent_class() -> type:
+    """openTSNE's ``gradient_descent`` with each step's update fused (:func:`_descent_step`).
+
+    Built on first use so that openTSNE is imported only where a t-SNE is fitted.
+    """
+    from openTSNE.tsne import gradient_descent
+
+    class FusedGradientDescent(gradient_descent):
+        """openTSNE's optimiser; the plain case (no reference embedding, callbacks,
+        gradient clipping or verbose output: a fit) runs its steps' numpy update as one
+        compiled pass, 5 ms -> 0.3 ms a step on 60,000 points (docs/benchmarks.md, "The
+        t-SNE gradient"). The same arithmetic: the same embedding as openTSNE's optimiser
+        from the same gradients. Anything else is openTSNE's own loop."""
+
+        def __call__(self, embedding: np.ndarray, P: Any, n_iter: int,
+                     objective_function: Any, learning_rate: Any = "auto",
+                     momentum: float = 0.8, exaggeration: float | None = None,
+                     dof: float = 1, min_gain: float = 0.01,
+                     max_grad_norm: float | None = None, max_step_norm: float | None = 5,
+                     theta: float = 0.5, n_interpolation_points: int = 3,
+                     min_num_intervals: int = 50, ints_in_interval: float = 1,
+                     reference_embedding: Any = None, n_jobs: int = 1,
+                     use_callbacks: bool = False, callbacks: Any = None,
+                     callbacks_every_iters: int = 50,
+                     verbose: bool = False) -> tuple[float, np.ndarray]:
+            # openTSNE's signature and defaults
+            params = {"learning_rate": learning_rate, "momentum": momentum,
+                      "exaggeration": exaggeration, "dof": dof, "min_gain": min_gain,
+                      "max_grad_norm": max_grad_norm, "max_step_norm": max_step_norm,
+                      "theta": theta, "n_interpolation_points": n_interpolation_points,
+                      "min_num_intervals": min_num_intervals,
+                      "ints_in_interval": ints_in_interval,
+                      "reference_embedding": reference_embedding, "n_jobs": n_jobs,
+                      "use_callbacks": use_callbacks, "callbacks": callbacks,
+                      "callbacks_every_iters": callbacks_every_iters, "verbose": verbose}
+            plain = (reference_embedding is None and not use_callbacks and not verbose
+                     and max_grad_norm is None and learning_rate != "auto")
+            if not plain:
+                return super().__call__(embedding, P, n_iter, objective_function, **params)
+            fft_params = {"n_interpolation_points": n_interpolation_points,
+                          "min_num_intervals": min_num_intervals,
+                          "ints_in_interval": ints_in_interval}
+            bh_params = {"theta": theta}
+            if self.update is None:
+                self.update = np.zeros_like(embedding).view(np.ndarray)
+            if self.gains is None:
+                self.gains = np.ones_like(embedding).view(np.ndarray)
+            exaggeration = 1 if exaggeration is None else exaggeration
+            if exaggeration != 1:
+                P *= exaggeration
+            points = embedding.view(np.ndarray)
+            step_limit = np.inf if max_step_norm is None else float(max_step_norm)
+            for _ in range(n_iter):
+                _, gradient = objective_function(
+                    embedding, P, dof=dof, bh_params=bh_params, fft_params=fft_params,
+                    reference_embedding=None, n_jobs=n_jobs, should_eval_error=False)
+                _descent_step(points, np.ascontiguousarray(gradient, dtype=np.float64),
+                              self.update, self.gains, float(learning_rate),
+                              float(momentum), float(min_gain), step_limit)
+                points -= np.mean(points, axis=0)
+            if exaggeration != 1:
+                P /= exaggeration
+            error, _ = objective_function(
+                embedding, P, dof=dof, bh_params=bh_params, fft_params=fft_params,
+                reference_embedding=None, n_jobs=n_jobs, should_eval_error=True)
+            return error, embedding
+
+    return FusedGradientDescent
 
 
 def _slim_reference(embedding: object) -> object:
@@ -225,6 +471,12 @@ class TSNEEmbedding(BaseEstimator):
         import openTSNE
 
         X = check_array(X, dtype=np.float64, ensure_min_samples=2)
+        n_jobs = self.n_jobs if self.n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + self.n_jobs)
+        method = self.negative_gradient_method
+        if method == "auto":  # openTSNE's rule
+            method = "fft" if len(X) >= 10_000 else "bh"
+        fft = method in ("fft", "FFT", "interpolation")
+        gradient = OverlappedFFTGradient(n_jobs) if fft else None
         tsne = openTSNE.TSNE(
             n_components=self.n_components,
             perplexity=self.perplexity,
@@ -232,7 +484,7 @@ class TSNEEmbedding(BaseEstimator):
             n_iter=self.n_iter,
             learning_rate=self.learning_rate,
             neighbors=self.neighbors,
-            negative_gradient_method=self.negative_gradient_method,
+            negative_gradient_method=gradient or method,
             ints_in_interval=self.ints_in_interval,
             initialization=self.initialization,
             n_jobs=self.n_jobs,
@@ -247,8 +499,24 @@ class TSNEEmbedding(BaseEstimator):
                 random_state=self.random_state)
         # Threads for the neighbour search: joblib's default process backend is refused in a
         # (daemonic) Dask worker and falls back to one core, with a warning.
-        with parallel_config(backend="threading"):
-            reference = tsne.fit(X, affinities=affinities)
+        try:
+            with parallel_config(backend="threading"):
+                reference = tsne.prepare_initial(X, affinities=affinities)
+            # TSNE.fit's two phases, with the fused optimiser
+            reference.optimizer = _fused_descent_class()()
+            reference.optimize(n_iter=tsne.early_exaggeration_iter,
+                               exaggeration=tsne.early_exaggeration,
+                               momentum=tsne.initial_momentum, inplace=True,
+                               propagate_exception=True)
+            reference.optimize(n_iter=tsne.n_iter, exaggeration=tsne.exaggeration,
+                               momentum=tsne.final_momentum, inplace=True,
+                               propagate_exception=True)
+        finally:
+            if gradient is not None:
+                gradient.close()
+        # transform's optimiser prepares its interpolation grid only for openTSNE's own FFT
+        # function, and the fitted embedding must pickle: it keeps the method's name.
+        reference.gradient_descent_params["negative_gradient_method"] = method
         # Centre now, as transform would in place, so fitted and transformed coordinates agree.
         reference -= (np.max(reference, axis=0) + np.min(reference, axis=0)) / 2
         # Keep only what transform needs: the estimator stays small to pickle and ship.
