@@ -6,7 +6,9 @@ every model is fitted, to report accuracy (Hungarian matching), NMI and ARI.
 
 from __future__ import annotations
 
+import contextvars
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,23 +88,44 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
     start = time.perf_counter()
     row: dict[str, Any] = {"method": result.method, "features": result.features,
                            "n_clusters": result.n_clusters, **result.scores}
-    if spec.silhouette != "off":
-        estimate = silhouette(features, result.labels, mode=spec.silhouette,
-                              exact_max_rows=spec.exact_silhouette_max_rows,
-                              sample_size=spec.silhouette_sample_size,
-                              reference_size=spec.silhouette_reference_size, random_state=seed,
-                              dtype=np.dtype(spec.silhouette_precision))
-        row.update(silhouette=estimate.value, silhouette_method=estimate.method,
-                   silhouette_ci_low=estimate.ci_low, silhouette_ci_high=estimate.ci_high,
-                   silhouette_sample_size=estimate.sample_size,
-                   silhouette_reference_size=estimate.reference_size)
+    with ThreadPoolExecutor(1, thread_name_prefix=f"silhouette-{result.method}") as pool:
+        # The silhouette (seconds of worker time) runs while this thread computes the
+        # table and draws the figures, which do not need it: drawn after it, they held
+        # the next stage back by a second (docs/benchmarks.md, "Session 16"). In this
+        # thread's context: the stage's priority and span hold for its tasks too.
+        pending = None if spec.silhouette == "off" else pool.submit(
+            contextvars.copy_context().run, silhouette, features, result.labels,
+            mode=spec.silhouette,
+            exact_max_rows=spec.exact_silhouette_max_rows,
+            sample_size=spec.silhouette_sample_size,
+            reference_size=spec.silhouette_reference_size, random_state=seed,
+            dtype=np.dtype(spec.silhouette_precision))
+        external, names = _external_scores_and_figures(result, data, spec, out_dir, seed)
+        if pending is not None:
+            estimate = pending.result()
+            row.update(silhouette=estimate.value, silhouette_method=estimate.method,
+                       silhouette_ci_low=estimate.ci_low, silhouette_ci_high=estimate.ci_high,
+                       silhouette_sample_size=estimate.sample_size,
+                       silhouette_reference_size=estimate.reference_size)
+    row.update(external)
+    row.update(fit_seconds=result.fit_seconds, score_seconds=time.perf_counter() - start)
+    return row, names
+
+
+def _external_scores_and_figures(result: ClusterResult, data: CleanData, spec: ScoreSpec,
+                                 out_dir: Path, seed: int
+                                 ) -> tuple[dict[str, float], list[str]]:
+    """ACC, NMI and ARI against the labels, and the method's two figures (classes in each
+    cluster, sample images of each); returns the scores (none without labels) and the
+    clusters' display names."""
     n_classes = len(LABEL_NAMES)
     # Unlabelled rows (-1) go to an extra row of the table, dropped before scoring.
     true = da.where(data.label < 0, n_classes, data.label).astype(np.int64)
     table = contingency(true, result.labels, n_classes + 1, result.n_clusters)[:n_classes]
     names = [str(k) for k in range(result.n_clusters)]
+    scores: dict[str, float] = {}
     if table.sum() > 0:
-        row.update(external_scores(table))
+        scores = external_scores(table)
         names = content_cluster_names(table)
         plots.contingency_heatmap(table, LABEL_NAMES, names,
                                   out_dir / runfiles.contingency(result.method),
@@ -113,8 +136,7 @@ def score(result: ClusterResult, features: da.Array, data: CleanData, spec: Scor
                           out_dir / runfiles.cluster_samples(result.method),
                           f"{result.method}: {spec.images_per_cluster} random images per cluster",
                           names)
-    row.update(fit_seconds=result.fit_seconds, score_seconds=time.perf_counter() - start)
-    return row, names
+    return scores, names
 
 
 def write_assignments(results: list[ClusterResult], data: CleanData, out_dir: Path) -> int:
