@@ -175,10 +175,11 @@ def _manifold(job: JobState) -> StageOutput:
 
 
 def _sample_is_all_rows(job: JobState) -> bool:
-    """Whether the sample is every row: the other stages are then short and the t-SNE fit is
-    the job's longest step, so it runs alone with every core. On more rows it runs beside
-    the k-means and scores that take longer than it (16x: 131 s alone, 117 s beside them;
-    docs/benchmarks.md, "Session 13")."""
+    """Whether the sample is every row: the other stages are then short, and the t-SNE fit,
+    which keeps every core of its host busy, runs alone (beside the scores it got one core
+    and held up the short fits). On more rows it runs beside the k-means and scores that
+    take longer than it (16x: 131 s alone, 117 s beside them; docs/benchmarks.md,
+    "Session 13")."""
     data, _ = job.outputs["clean"]
     return job.outputs["sample"].size >= data.n_rows
 
