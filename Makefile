@@ -15,9 +15,12 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
-	@# UMAP's numba kernels into the disk cache now, not in each worker's first manifold fit.
+	@# UMAP's and the t-SNE's numba kernels into the disk cache now, not in each worker's
+	@# first fit.
 	$(BIN)/python -W ignore -c "from fmnist_dask.models.manifold import compile_umap_kernels; \
 		compile_umap_kernels()"
+	$(BIN)/python -W ignore -c "from fmnist_dask.models.tsne import compile_tsne_kernels; \
+		compile_tsne_kernels()"
 	touch $@
 
 install: $(BIN)/.installed
