@@ -41,9 +41,7 @@ def ship(value: Any, key: str | None = None) -> Any:
     returns the value goes out at once, in priority order. ``key``: give one for a large
     value, which dask would otherwise hash on every call.
     """
-    if key is None:
-        return dask.delayed(_value, pure=True)(value)
-    return dask.delayed(_value, pure=True)(value, dask_key_name=key)
+    return dask.delayed(_value, pure=True)(value, dask_key_name=key)  # None: a hashed key
 
 
 def whole_array(x: np.ndarray) -> da.Array:
