@@ -53,9 +53,6 @@ FFT = {"n_interpolation_points": 3, "min_num_intervals": 50, "ints_in_interval":
 class OpenTSNEGradient:
     """openTSNE's own ``kl_divergence_fft``, in the place of ours (the reference)."""
 
-    def __init__(self, n_jobs: int) -> None:
-        self.n_jobs = n_jobs
-
     def close(self) -> None:
         pass
 
@@ -102,7 +99,7 @@ def gradient_parts(X: np.ndarray, calls: int) -> dict[str, float]:
             lambda: _attraction_rows(P.indices, P.indptr, P.data, points, zeros.copy(), 0,
                                      len(points)), calls),
     }
-    with OverlappedFFTGradient(2) as ours:
+    with OverlappedFFTGradient() as ours:
         out["our_gradient_2_threads_ms"] = median_ms(lambda: ours(points, P, 1, FFT, n_jobs=2),
                                                      calls)
         out["our_head_share"] = ours.head_share

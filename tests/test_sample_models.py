@@ -369,7 +369,7 @@ def test_overlapped_fft_gradient_is_opentsnes_whatever_the_split(fft_problem, n_
     _, P, embedding = fft_problem
     fft = {"n_interpolation_points": 3, "min_num_intervals": 50, "ints_in_interval": 4.0}
     _, reference = kl_divergence_fft(embedding.copy(), P, 1, fft, n_jobs=1)
-    with OverlappedFFTGradient(n_jobs) as objective:
+    with OverlappedFFTGradient() as objective:
         results = []
         for share in (0.0, 0.3, 0.9, 1.0):
             objective.head_share = share

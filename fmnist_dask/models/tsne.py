@@ -11,7 +11,6 @@ the sample and the 2-D reference points: about 5 MB for 70,000 rows of 10 compon
 from __future__ import annotations
 
 import copy
-import os
 import threading
 import time
 import uuid
@@ -129,31 +128,33 @@ class OverlappedFFTGradient:
     attractive term (on its threads). Here the calling thread computes the repulsion and
     then the attraction of the last rows, while the other threads take the attraction of
     the first rows in one compiled call each (:func:`_attraction_rows`, without the GIL:
-    work handed out in small pieces would wait for the GIL the repulsion holds). Where the
-    rows split is adjusted after every step so that all threads finish together. Each
+    work handed out in small pieces would wait for the GIL the repulsion holds). The rows'
+    split is adjusted after every step so that all threads finish together. Each
     row's terms are computed as openTSNE does and the gradient is the repulsion plus the
     row's attraction, so it agrees with openTSNE's to rounding (~1e-15 relative) and does
     not depend on the split. docs/benchmarks.md, "The t-SNE gradient", has the timings.
 
     Steps that evaluate the KL divergence, transforms (a reference embedding), other degrees
-    of freedom and 1-D embeddings go to openTSNE's own function.
-
-    Parameters
-    ----------
-    n_jobs : int
-        Threads, the calling one included (at least 1).
+    of freedom and 1-D embeddings go to openTSNE's own function. The threads are the
+    ``n_jobs`` openTSNE's optimiser passes (the calling one included), resolved by its rule.
     """
 
-    def __init__(self, n_jobs: int) -> None:
-        self.n_jobs = max(1, n_jobs)
-        self._pool = (ThreadPoolExecutor(self.n_jobs - 1, thread_name_prefix="tsne-gradient")
-                      if self.n_jobs > 1 else None)
+    def __init__(self) -> None:
+        #: Threads beside the calling one, made on the first step with more than one job.
+        self._pool: ThreadPoolExecutor | None = None
         #: Share of the rows whose attraction the other threads take (adjusted each step).
-        self.head_share = 0.5 if self.n_jobs > 1 else 0.0
+        self.head_share = 0.5
+
+    def _helpers(self, n_jobs: int) -> ThreadPoolExecutor:
+        # openTSNE passes one n_jobs for a whole fit
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(n_jobs - 1, thread_name_prefix="tsne-gradient")
+        return self._pool
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+            self._pool = None
 
     def __enter__(self) -> OverlappedFFTGradient:
         return self
@@ -174,10 +175,11 @@ class OverlappedFFTGradient:
                                      should_eval_error, n_jobs, **kwargs)
         points = np.ascontiguousarray(embedding, dtype=np.float64)
         n = len(points)
+        n_jobs = max(1, n_jobs)
         gradient = np.zeros_like(points)
-        head = int(round(self.head_share * n)) if self._pool is not None else 0
-        cuts = np.linspace(0, head, self.n_jobs).astype(np.int64)
-        started = [threading.Event() for _ in range(self.n_jobs - 1)]
+        head = int(round(self.head_share * n)) if n_jobs > 1 else 0
+        cuts = np.linspace(0, head, n_jobs).astype(np.int64)
+        started = [threading.Event() for _ in range(n_jobs - 1)]
 
         def attract_head(part: int) -> float:
             started[part].set()
@@ -186,7 +188,7 @@ class OverlappedFFTGradient:
                              cuts[part], cuts[part + 1])
             return time.perf_counter() - began
 
-        heads = [self._pool.submit(attract_head, part) for part in range(self.n_jobs - 1)]
+        heads = [self._helpers(n_jobs).submit(attract_head, part) for part in range(n_jobs - 1)]
         for event in started:  # let them into their compiled calls before the GIL is held
             event.wait()
         began = time.perf_counter()
@@ -198,19 +200,19 @@ class OverlappedFFTGradient:
         head_seconds = max([future.result() for future in heads], default=0.0)
         gradient += repulsion
         if heads:
-            self._rebalance(n, head, head_seconds, tail_seconds, repelled - began)
+            self._rebalance(n, n_jobs, head_seconds, tail_seconds, repelled - began)
         return 0.0, gradient
 
-    def _rebalance(self, n: int, head: int, head_seconds: float, tail_seconds: float,
+    def _rebalance(self, n: int, n_jobs: int, head_seconds: float, tail_seconds: float,
                    repulsion_seconds: float) -> None:
         """Move the split so that the next step's threads finish together."""
         # Seconds of attraction per row on one thread, from both sides' measurements.
-        per_row = (head_seconds * (self.n_jobs - 1) + tail_seconds) / max(n, 1)
+        per_row = (head_seconds * (n_jobs - 1) + tail_seconds) / max(n, 1)
         if per_row <= 0:
             return
         # head rows on n_jobs - 1 threads take as long as the repulsion plus the tail rows:
         # head / (n_jobs - 1) = repulsion / per_row + n - head
-        balanced = (repulsion_seconds / per_row + n) * (self.n_jobs - 1) / self.n_jobs
+        balanced = (repulsion_seconds / per_row + n) * (n_jobs - 1) / n_jobs
         share = min(max(balanced / n, 0.0), 1.0)
         self.head_share = 0.5 * self.head_share + 0.5 * share
 
@@ -471,12 +473,11 @@ class TSNEEmbedding(BaseEstimator):
         import openTSNE
 
         X = check_array(X, dtype=np.float64, ensure_min_samples=2)
-        n_jobs = self.n_jobs if self.n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + self.n_jobs)
         method = self.negative_gradient_method
         if method == "auto":  # openTSNE's rule
             method = "fft" if len(X) >= 10_000 else "bh"
         fft = method in ("fft", "FFT", "interpolation")
-        gradient = OverlappedFFTGradient(n_jobs) if fft else None
+        gradient = OverlappedFFTGradient() if fft else None
         tsne = openTSNE.TSNE(
             n_components=self.n_components,
             perplexity=self.perplexity,
