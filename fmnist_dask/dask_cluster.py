@@ -883,7 +883,9 @@ def trim_worker_memory(client: Any) -> None:
     client.run(_malloc_trim)
 
 
-def _local_cluster(target: LocalConfig) -> Any:
+def local_cluster(target: LocalConfig) -> Any:
+    """The ``LocalCluster`` that ``target`` describes, its workers set up as every job's are
+    (memory thresholds, :data:`WORKER_MALLOC_ENV`, :data:`WORKER_OMP_ENV`)."""
     import dask
     from distributed import LocalCluster
 
@@ -939,7 +941,7 @@ def _kubernetes_cluster(target: KubernetesConfig) -> Any:
 
 
 _CLUSTER_FACTORIES: dict[type, Callable[[Any], Any]] = {
-    LocalConfig: _local_cluster, SlurmConfig: _slurm_cluster, KubernetesConfig: _kubernetes_cluster,
+    LocalConfig: local_cluster, SlurmConfig: _slurm_cluster, KubernetesConfig: _kubernetes_cluster,
 }
 
 
