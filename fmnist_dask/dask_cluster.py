@@ -509,6 +509,14 @@ def _kernel_probe() -> dict[str, str | None]:
     return found
 
 
+def _environ_probe(names: list[str]) -> dict[str, str | None]:
+    """This process's value of each environment variable in ``names`` (None where unset).
+    Self-contained: it is shipped by value."""
+    import os
+
+    return {name: os.environ.get(name) for name in names}
+
+
 def _by_value(func: Callable) -> Callable:
     """A copy of ``func`` that cloudpickle ships by value, not as ``fmnist_dask.<name>``.
 
@@ -790,10 +798,17 @@ def _describe(client: Any, target: ClusterTarget, versions: dict[str, str | None
             "the workers' kernel report")
     except ClusterError:
         kernels = {}
+    try:
+        environ = call_with_timeout(
+            lambda: client.run(_by_value(_environ_probe), list(WORKER_ENV), on_error="return"),
+            timeout, "the workers' environment report")
+    except ClusterError:
+        environ = {}
     workers = sorted(
         ({"name": str(w.get("name")), "address": addr, "nthreads": int(w.get("nthreads", 0)),
           "memory_limit_bytes": int(w.get("memory_limit") or 0),
-          "kernels": k if isinstance(k := kernels.get(addr), dict) else None}
+          "kernels": k if isinstance(k := kernels.get(addr), dict) else None,
+          "environ": e if isinstance(e := environ.get(addr), dict) else None}
          for addr, w in info.get("workers", {}).items()),
         key=lambda w: (w["name"], w["address"]),
     )
@@ -860,6 +875,19 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 32 << 20, "MALLOC_TRIM_THRESHOLD_
 #: faster; alone on the machine 23.7 vs 24.0 s (docs/benchmarks.md, "Big data, session 12").
 WORKER_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
+#: Both, as every worker should have them. Workers started by hand get them from
+#: ``cluster_config/dask-worker.yaml`` (dask configuration: the nanny would overwrite
+#: ``MALLOC_TRIM_THRESHOLD_`` taken from the shell); the job warns when a worker lacks them.
+WORKER_ENV = {**WORKER_MALLOC_ENV, **WORKER_OMP_ENV}
+
+
+def workers_lacking_settings(description: dict[str, Any]) -> list[str]:
+    """Names of the workers in a cluster description (:func:`open_cluster`) whose environment
+    differs from :data:`WORKER_ENV`; workers that could not report are not listed."""
+    wanted = {name: str(value) for name, value in WORKER_ENV.items()}
+    return [w["name"] for w in description.get("workers", [])
+            if isinstance(w.get("environ"), dict) and w["environ"] != wanted]
+
 
 def _malloc_trim() -> bool:
     """Return this process's freed heap memory to the system (glibc ``malloc_trim``);
@@ -895,8 +923,7 @@ def local_cluster(target: LocalConfig) -> Any:
         "distributed.worker.memory.pause": target.memory_pause,
         "distributed.worker.memory.terminate": target.memory_terminate,
         "distributed.nanny.pre-spawn-environ": {
-            **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_MALLOC_ENV,
-            **WORKER_OMP_ENV},
+            **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV},
     }
     # The nannies copy dask.config when created, so the thresholds reach the workers.
     with dask.config.set(memory):
@@ -1056,6 +1083,15 @@ def open_cluster(target: ClusterTarget | StartingCluster, *, check_versions: boo
             description["address"], description["n_workers"], description["total_threads"],
             dashboard or "(none)",
         )
+        lacking = workers_lacking_settings(description)
+        if lacking:
+            logger.warning(
+                "%d of %d workers (%s) run without the worker settings %s: on this project's "
+                "machine jobs ran ~8%% slower so; start workers with DASK_CONFIG="
+                "cluster_config/dask-worker.yaml (docs/cluster.md)", len(lacking),
+                description["n_workers"], ", ".join(lacking[:4]) + (", ..." if len(lacking) > 4
+                                                                    else ""),
+                " ".join(f"{k}={v}" for k, v in WORKER_ENV.items()))
         session = ClusterSession(client=client, target=target, dashboard_link=dashboard,
                                  description=description, cluster=cluster)
         forwarding = _forward_worker_warnings(client, workers_timeout)

@@ -20,7 +20,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.conftest import BASE_ENV
+
 STARTUP_TIMEOUT = 60.0  # seconds; generous because the 2 cores are shared with other jobs
+#: The dask configuration docs/cluster.md tells users to start their workers with.
+WORKER_CONFIG = Path(__file__).resolve().parents[1] / "cluster_config" / "dask-worker.yaml"
 
 
 def free_port() -> int:
@@ -133,7 +137,9 @@ def _stop(procs: Sequence[subprocess.Popen]) -> None:
 
 
 def _spawn(cmd: list[str], log: Path, env: Mapping[str, str] | None, cwd: Path) -> subprocess.Popen:
-    full_env = dict(os.environ)
+    # The environment before any test ran: a LocalCluster started in this process leaves its
+    # workers' settings (and its dask config, in DASK_INTERNAL_INHERIT_CONFIG) in os.environ.
+    full_env = dict(BASE_ENV)
     if env:
         full_env.update(env)
     with open(log, "wb") as out:
@@ -145,11 +151,13 @@ def _spawn(cmd: list[str], log: Path, env: Mapping[str, str] | None, cwd: Path) 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """How to start one worker: which Python, extra environment variables, working directory."""
+    """How to start one worker: which Python, extra environment variables, working directory,
+    and whether with the shipped worker configuration (``DASK_CONFIG``), as users should."""
 
     python: str = sys.executable
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
+    worker_config: bool = True
 
 
 @contextlib.contextmanager
@@ -210,7 +218,9 @@ def dask_processes(
                    "--no-dashboard", "--name", f"worker-{i}", "--death-timeout", "60",
                    "--local-directory", str(tmp_dir / f"worker-{i}-space"),
                    "--nanny" if nanny else "--no-nanny", *tls_args]
-            proc = _spawn(cmd, tmp_dir / f"worker-{i}.log", spec.env, spec.cwd or tmp_dir)
+            env = {"DASK_CONFIG": str(WORKER_CONFIG)} if spec.worker_config else {}
+            proc = _spawn(cmd, tmp_dir / f"worker-{i}.log", {**env, **(spec.env or {})},
+                          spec.cwd or tmp_dir)
             started.append(proc)
             worker_procs.append(proc)
         handle = DaskProcesses(

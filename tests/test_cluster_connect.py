@@ -28,6 +28,7 @@ from distributed import wait
 
 import fmnist_dask
 from fmnist_dask.dask_cluster import (
+    WORKER_ENV,
     ClusterConfigError,
     ClusterError,
     KubernetesConfig,
@@ -39,8 +40,10 @@ from fmnist_dask.dask_cluster import (
     load_cluster_config,
     open_cluster,
     trim_worker_memory,
+    workers_lacking_settings,
 )
 from tests.cluster_procs import (
+    WORKER_CONFIG,
     WorkerSpec,
     dask_processes,
     free_port,
@@ -88,8 +91,11 @@ def _check_sum_on_all_workers(client, n_workers: int) -> None:
 
 def test_example_configs_validate(tmp_path):
     examples = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
-    assert examples == ["kubernetes.yaml", "local.yaml", "remote-tls.yaml", "remote.yaml",
-                        "slurm.yaml"]
+    assert examples == ["dask-worker.yaml", "kubernetes.yaml", "local.yaml", "remote-tls.yaml",
+                        "remote.yaml", "slurm.yaml"]
+    # dask's configuration for workers (checked below), not a cluster file: refused as one
+    with pytest.raises(ClusterConfigError, match=r"dask-worker.yaml:\n  key 'kind'"):
+        load_cluster_config(CONFIG_DIR / "dask-worker.yaml")
     local = load_cluster_config(CONFIG_DIR / "local.yaml")
     assert isinstance(local, LocalConfig) and local.dashboard_address == "127.0.0.1:8787"
     remote = load_cluster_config(CONFIG_DIR / "remote.yaml")
@@ -295,11 +301,41 @@ def test_remote_scheduler_with_two_workers(tcp_cluster):
         assert [w["name"] for w in desc["workers"]] == ["worker-0", "worker-1"]
         assert {w["memory_limit_bytes"] for w in desc["workers"]} == {2 * GiB}
         assert desc["tls"] is False
+        # started as docs/cluster.md says (DASK_CONFIG=cluster_config/dask-worker.yaml): the
+        # nannies gave the workers the job's own worker settings
+        wanted = {name: str(value) for name, value in WORKER_ENV.items()}
+        assert [w["environ"] for w in desc["workers"]] == [wanted, wanted]
+        assert workers_lacking_settings(desc) == []
         _check_sum_on_all_workers(session.client, 2)
         assert session.dashboard_link == f"{tcp_cluster.dashboard_url}/status"
         with urllib.request.urlopen(session.dashboard_link, timeout=30) as response:
             assert response.status == 200
             assert b"Dask" in response.read()
+
+
+def test_a_worker_started_without_the_worker_settings_is_named_in_a_warning(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="fmnist_dask")
+    specs = [WorkerSpec(), WorkerSpec(worker_config=False)]  # the second as plain `dask worker`
+    with dask_processes(tmp_path, workers=specs) as procs, open_cluster(
+            load_cluster_config(None, scheduler=procs.scheduler_address)) as session:
+        environ = {w["name"]: w["environ"] for w in session.description["workers"]}
+    assert environ["worker-0"]["MALLOC_TRIM_THRESHOLD_"] == str(128 << 20)
+    # dask's nanny default, which made every large temporary fresh pages from the kernel
+    assert environ["worker-1"]["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    assert environ["worker-1"]["MALLOC_MMAP_THRESHOLD_"] is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "1 of 2 workers (worker-1) run without the worker settings" in warnings[0]
+    assert "DASK_CONFIG=cluster_config/dask-worker.yaml" in warnings[0]
+
+
+def test_the_shipped_worker_config_holds_the_jobs_worker_settings():
+    shipped = yaml.safe_load(WORKER_CONFIG.read_text())["distributed"]["nanny"]
+    environ = shipped["pre-spawn-environ"]
+    assert {name: environ[name] for name in WORKER_ENV} == WORKER_ENV
+    # and dask's own defaults beside them are kept
+    assert {environ[n] for n in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                 "OPENBLAS_NUM_THREADS")} == {1}
 
 
 def test_remote_needs_min_workers(tcp_cluster):
