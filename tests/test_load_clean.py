@@ -51,6 +51,11 @@ def test_real_idx_counts_classes_and_scaling_match_numpy(tmp_path, real_dir, rea
     summary = eda_stage.explore(data, ["train", "test"], EdaSpec(), out, seed=0)
     expected = np.bincount(train_y, minlength=10)
     assert [summary["class_counts"]["train"][n] for n in LABEL_NAMES] == expected.tolist()
+    test_counts = np.bincount(real_arrays["test"][1], minlength=10)
+    assert [summary["class_counts"]["test"][n] for n in LABEL_NAMES] == test_counts.tolist()
+    # the sample images are the rows the seed picks, wherever their blocks lie
+    picked = np.sort(np.random.default_rng(0).choice(70000, size=9, replace=False))
+    assert summary["sample_row_ids"] == data.row_id.compute()[picked].tolist()
     everything = np.concatenate([train_x, real_arrays["test"][0]]).astype(np.float64) / 255
     assert summary["pixel_mean"] == pytest.approx(everything.mean(), abs=1e-7)  # float32 pixels
     assert summary["pixel_std"] == pytest.approx(everything.std(), abs=1e-7)
