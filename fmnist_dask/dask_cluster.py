@@ -789,21 +789,24 @@ def _dashboard_link(client: Any) -> str | None:
         return None
 
 
+def _probe_workers(client: Any, probe: Callable, *args: Any, timeout: float, what: str
+                   ) -> dict[str, Any]:
+    """``{worker address: probe(*args)}`` (an exception for a worker where it failed), or {}
+    when the workers do not answer within ``timeout``: a description, never a reason to fail."""
+    try:
+        return call_with_timeout(
+            lambda: client.run(_by_value(probe), *args, on_error="return"), timeout,
+            f"the workers' {what} report")
+    except ClusterError:
+        return {}
+
+
 def _describe(client: Any, target: ClusterTarget, versions: dict[str, str | None],
               dashboard: str | None, timeout: float = 60.0) -> dict[str, Any]:
     info = client.scheduler_info(n_workers=-1)
-    try:
-        kernels = call_with_timeout(
-            lambda: client.run(_by_value(_kernel_probe), on_error="return"), timeout,
-            "the workers' kernel report")
-    except ClusterError:
-        kernels = {}
-    try:
-        environ = call_with_timeout(
-            lambda: client.run(_by_value(_environ_probe), list(WORKER_ENV), on_error="return"),
-            timeout, "the workers' environment report")
-    except ClusterError:
-        environ = {}
+    kernels = _probe_workers(client, _kernel_probe, timeout=timeout, what="kernel")
+    environ = _probe_workers(client, _environ_probe, list(WORKER_ENV), timeout=timeout,
+                             what="environment")
     workers = sorted(
         ({"name": str(w.get("name")), "address": addr, "nthreads": int(w.get("nthreads", 0)),
           "memory_limit_bytes": int(w.get("memory_limit") or 0),
@@ -913,7 +916,7 @@ def trim_worker_memory(client: Any) -> None:
 
 def local_cluster(target: LocalConfig) -> Any:
     """The ``LocalCluster`` that ``target`` describes, its workers set up as every job's are
-    (memory thresholds, :data:`WORKER_MALLOC_ENV`, :data:`WORKER_OMP_ENV`)."""
+    (memory thresholds, :data:`WORKER_ENV`)."""
     import dask
     from distributed import LocalCluster
 
