@@ -1,11 +1,12 @@
 """The job on workers started by hand: with and without ``cluster_config/dask-worker.yaml``.
 
-Starts a real ``dask scheduler`` and ``dask worker --nworkers 2 --nthreads 1`` on 127.0.0.1,
-either as plain commands (dask's nanny gives the workers ``MALLOC_TRIM_THRESHOLD_=65536``) or
-with ``DASK_CONFIG=cluster_config/dask-worker.yaml`` (the job's own worker settings,
-``dask_cluster.WORKER_ENV``), and runs the shipped default job on the train CSV against it
-with ``--scheduler``. The two alternate per repeat, each on freshly started processes, so a
-load change on the machine hits both. Reported: each run's time in the manifest, the
+Starts a real ``dask scheduler`` and two ``dask worker --nthreads 1`` processes on 127.0.0.1
+(``tests/cluster_procs.py``, as the tests do), either as plain commands (dask's nanny gives
+the workers ``MALLOC_TRIM_THRESHOLD_=65536``) or with
+``DASK_CONFIG=cluster_config/dask-worker.yaml`` (the job's own worker settings,
+``dask_cluster.WORKER_ENV``), and runs the shipped default job on the train CSV against
+them with ``--scheduler``. The two alternate per repeat, each on freshly started processes,
+so a load change on the machine hits both. Reported: each run's time in the manifest, the
 medians and their ratio.
 
 Reproduce (from the repository root, after ``make install`` and ``make data``)::
@@ -18,49 +19,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = REPO / ".venv" / "bin"
+sys.path.insert(0, str(REPO))
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.cluster_procs import WorkerSpec, dask_processes  # noqa: E402
 
 
 def run_once(job: Path, work: Path, name: str, worker_config: bool) -> float:
-    """Start a scheduler and two workers, run the job against them; the manifest's seconds."""
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = dict(os.environ)
-    if worker_config:
-        env["DASK_CONFIG"] = str(REPO / "cluster_config" / "dask-worker.yaml")
-    log = (work / f"{name}.log").open("w")
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-                               str(port), "--dashboard-address", ":0"], stdout=log, stderr=log)]
-    try:
-        time.sleep(2)
-        procs.append(subprocess.Popen(
-            [str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1",
-             "--memory-limit", "8GiB", "--no-dashboard"], stdout=log, stderr=log, env=env))
-        subprocess.run([str(BIN / "fmnist-dask"), "run", str(job), "--out", str(work),
-                        "--run-name", name, "--scheduler", address], cwd=REPO, check=True,
-                       capture_output=True, text=True)
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
-    return float(json.loads((work / name / "manifest.json").read_text())["seconds"])
+    """Start a scheduler and two workers (the tests' helper, which waits until both joined),
+    run the job against them; the manifest's seconds."""
+    workers = [WorkerSpec(worker_config=worker_config)] * 2
+    with dask_processes(work / f"procs-{name}", workers=workers, memory_limit="8GiB") as procs:
+        subprocess.run([str(REPO / ".venv" / "bin" / "fmnist-dask"), "run", str(job), "--out",
+                        str(work), "--run-name", name, "--scheduler", procs.scheduler_address],
+                       cwd=REPO, check=True, capture_output=True, text=True)
+    manifest = json.loads((work / name / "manifest.json").read_text())
+    assert manifest["cluster"]["n_workers"] == 2
+    return float(manifest["seconds"])
 
 
 def main() -> None:

@@ -1091,7 +1091,7 @@ def open_cluster(target: ClusterTarget | StartingCluster, *, check_versions: boo
             named = ", ".join(lacking[:4]) + (", ..." if len(lacking) > 4 else "")
             logger.warning(
                 "%d of %d workers (%s) run without the worker settings %s: the default job "
-                "took 1.18x as long so (docs/benchmarks.md, session 17); start workers with "
+                "took 1.17x as long so (docs/benchmarks.md, session 17); start workers with "
                 "DASK_CONFIG=cluster_config/dask-worker.yaml (docs/cluster.md)", len(lacking),
                 description["n_workers"], named,
                 " ".join(f"{k}={v}" for k, v in WORKER_ENV.items()))
