@@ -882,6 +882,9 @@ WORKER_OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 #: ``cluster_config/dask-worker.yaml`` (dask configuration: the nanny would overwrite
 #: ``MALLOC_TRIM_THRESHOLD_`` taken from the shell); the job warns when a worker lacks them.
 WORKER_ENV = {**WORKER_MALLOC_ENV, **WORKER_OMP_ENV}
+#: Imported by each worker as it starts (``distributed.worker.preload``): the modules of
+#: the job's tasks, imported there before the first stage instead of inside it.
+WORKER_PRELOAD = "fmnist_dask.worker_preload"
 
 
 def workers_lacking_settings(description: dict[str, Any]) -> list[str]:
@@ -927,6 +930,8 @@ def local_cluster(target: LocalConfig) -> Any:
         "distributed.worker.memory.terminate": target.memory_terminate,
         "distributed.nanny.pre-spawn-environ": {
             **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_ENV},
+        "distributed.worker.preload": [
+            *dask.config.get("distributed.worker.preload", []), WORKER_PRELOAD],
     }
     # The nannies copy dask.config when created, so the thresholds reach the workers.
     with dask.config.set(memory):

@@ -29,6 +29,7 @@ from distributed import wait
 import fmnist_dask
 from fmnist_dask.dask_cluster import (
     WORKER_ENV,
+    WORKER_PRELOAD,
     ClusterConfigError,
     ClusterError,
     KubernetesConfig,
@@ -319,6 +320,9 @@ def test_a_worker_started_without_the_worker_settings_is_named_in_a_warning(tmp_
     with dask_processes(tmp_path, workers=specs) as procs, open_cluster(
             load_cluster_config(None, scheduler=procs.scheduler_address)) as session:
         environ = {w["name"]: w["environ"] for w in session.description["workers"]}
+        names = {w["address"]: w["name"] for w in session.description["workers"]}
+        preloaded = {names[a]: v for a, v in _preloaded(session.client).items()}
+    assert preloaded == {"worker-0": True, "worker-1": False}
     assert environ["worker-0"]["MALLOC_TRIM_THRESHOLD_"] == str(128 << 20)
     # dask's nanny default, which made every large temporary fresh pages from the kernel
     assert environ["worker-1"]["MALLOC_TRIM_THRESHOLD_"] == "65536"
@@ -329,9 +333,21 @@ def test_a_worker_started_without_the_worker_settings_is_named_in_a_warning(tmp_
     assert "DASK_CONFIG=cluster_config/dask-worker.yaml" in warnings[0]
 
 
+def _preloaded(client) -> dict[str, bool]:
+    """Whether each worker imported the job's preload module (nothing else imports it)."""
+    # a lambda travels by value: the workers cannot import this test module
+    return client.run(lambda: WORKER_PRELOAD in sys.modules)
+
+
+def test_the_jobs_local_workers_import_the_task_modules_as_they_start(dask_client):
+    # the session's cluster is the job's (dask_cluster.local_cluster)
+    assert set(_preloaded(dask_client).values()) == {True}
+
+
 def test_the_shipped_worker_config_holds_the_jobs_worker_settings():
-    shipped = yaml.safe_load(WORKER_CONFIG.read_text())["distributed"]["nanny"]
-    environ = shipped["pre-spawn-environ"]
+    shipped = yaml.safe_load(WORKER_CONFIG.read_text())["distributed"]
+    assert shipped["worker"]["preload"] == [WORKER_PRELOAD]
+    environ = shipped["nanny"]["pre-spawn-environ"]
     assert {name: environ[name] for name in WORKER_ENV} == WORKER_ENV
     # and dask's own defaults beside them are kept
     assert {environ[n] for n in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -470,9 +486,11 @@ def test_version_check_rejects_workers_lacking_or_mismatching_the_package(tmp_pa
                            capture_output=True, text=True, timeout=60)
     assert "No module named 'fmnist_dask'" in probe.stderr  # the environment really lacks it
     old = _older_checkout(tmp_path / "old", "0.0.9")
+    # Without the shipped worker config: its preload (this version's task modules) would
+    # stop both at start, before the job could name them.
     workers = [
-        WorkerSpec(python=str(bare_python), cwd=isolated),
-        WorkerSpec(env={"PYTHONPATH": str(old)}, cwd=isolated),
+        WorkerSpec(python=str(bare_python), cwd=isolated, worker_config=False),
+        WorkerSpec(env={"PYTHONPATH": str(old)}, cwd=isolated, worker_config=False),
     ]
     with dask_processes(tmp_path / "procs", workers=workers) as procs:
         target = load_cluster_config(None, scheduler=procs.scheduler_address)
