@@ -19,6 +19,8 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.core import flatten
+from dask.layers import ArrayValuesDep
 from dask.utils import funcname
 
 #: Rows processed at a time inside a block: keeps the (rows x k) or (rows x rows)
@@ -226,20 +228,59 @@ def aligned_block(x: np.ndarray) -> np.ndarray:
     return x if x.flags.aligned else x.copy()
 
 
-def _call_kernel(
-    xb: np.ndarray, *blocks: np.ndarray, kernel: Callable, n_aligned: int, consts: tuple,
-    kernel_kwargs: dict | None = None, block_info: dict | None = None,
-) -> np.ndarray:
-    # The aligned vectors travel as (rows, 1) columns so that map_blocks lines them up
-    # with the rows of x; give the kernel plain 1-D blocks and the block's position.
-    xb = aligned_block(xb)
-    info = block_info[0]
-    aligned = [b[:, 0] for b in blocks[:n_aligned]]
-    out = kernel(
-        xb, *aligned, *consts, **(kernel_kwargs or {}),
-        block_index=info["chunk-location"][0], row_offset=info["array-location"][0][0],
+def row_blockwise(
+    func: Callable[..., np.ndarray], x: da.Array, *aligned: da.Array,
+    out_rows: int | None = None, out_shape: tuple[int, ...] = (), dtype: Any,
+    **kwargs: Any,
+) -> da.Array:
+    """``func(x_block, *aligned_blocks, position, **kwargs)`` on every row block of ``x``,
+    one task per block.
+
+    Parameters
+    ----------
+    func : callable
+        Gets ``x``'s block (its columns joined), the blocks of ``aligned`` (1-D), the
+        block's ``position`` ``(block index, index of its first row)`` and ``kwargs``;
+        returns ``(rows, *out_shape)``.
+    x : dask.array.Array, shape (n_samples, n_features)
+    *aligned : dask.array.Array, shape (n_samples,)
+        Per-row vectors, rechunked like ``x``'s rows if they are not.
+    out_rows : int or None
+        Rows of each block's result: None for as many as the block has, an int for that
+        many, ``numpy.nan`` for a number not known in advance.
+    out_shape : tuple of int
+        The trailing shape of each block's result.
+    dtype : numpy dtype
+
+    Not ``map_blocks`` with the vectors as ``v[:, None]`` columns (to line them up with
+    ``x``'s rows): each ``v[:, None]`` is a task per block of its own, which must run, on a
+    free worker thread, before the block's task can (docs/benchmarks.md, "Session 18").
+    """
+    aligned = tuple(a if a.chunks[0] == x.chunks[0] else a.rechunk((x.chunks[0],))
+                    for a in aligned)
+    trailing = "klmn"[: len(out_shape)]
+    adjust = {} if out_rows is None else {"i": (out_rows,) * x.numblocks[0]}
+    starts = np.cumsum((0, *x.chunks[0][:-1]))
+    # each task's position is put in it as it is made: no task, no constant of all blocks
+    positions = ArrayValuesDep(x.chunks[:1], {(i,): (i, int(start))
+                                               for i, start in enumerate(starts)})
+    return da.blockwise(
+        func, "i" + trailing, x, "ij", *(p for a in aligned for p in (a, "i")),
+        positions, "i", new_axes=dict(zip(trailing, out_shape, strict=True)),
+        adjust_chunks=adjust, concatenate=True, align_arrays=False, dtype=dtype,
+        meta=np.empty((0,) * (1 + len(out_shape)), dtype=dtype), **kwargs,
     )
-    return np.asarray(out)[None]
+
+
+def _call_kernel(
+    xb: np.ndarray, *blocks: Any, kernel: Callable, consts: tuple,
+    kernel_kwargs: dict | None = None,
+) -> np.ndarray:
+    # row_blockwise's call: the aligned vectors' blocks, then the block's position
+    *aligned, (index, offset) = blocks
+    out = kernel(aligned_block(xb), *aligned, *consts, **(kernel_kwargs or {}),
+                 block_index=index, row_offset=offset)
+    return np.asarray(out)
 
 
 #: Constants above this size travel as one graph key instead of inside every task.
@@ -297,22 +338,14 @@ def block_partials(
     dask.array.Array, shape (n_blocks, *out_shape)
         Lazy; reduce it with :func:`tree_sum` or compute it directly (it is small).
     """
-    nb = x.numblocks[0]
-    cols = [a[:, None] for a in aligned]
-    kwargs = dict(kernel=kernel, n_aligned=len(cols), consts=shared_consts(consts),
-                  dtype=dtype, kernel_kwargs=kernel_kwargs)
-    chunks = ((1,) * nb, *[(s,) for s in out_shape])
-    ndim = 1 + len(out_shape)
-    if ndim == 1:
-        return da.map_blocks(_call_scalar, x, *cols, drop_axis=1, chunks=chunks, **kwargs)
-    new_axis = list(range(1, ndim - 1))
-    return da.map_blocks(_call_kernel, x, *cols, new_axis=new_axis, chunks=chunks, **kwargs)
+    return row_blockwise(_call_partial, x, *aligned, out_rows=1, out_shape=out_shape,
+                         dtype=dtype, kernel=kernel, consts=shared_consts(consts),
+                         kernel_kwargs=kernel_kwargs)
 
 
-def _call_scalar(
-    xb: np.ndarray, *blocks: np.ndarray, block_info: dict | None = None, **kwargs: Any
-) -> np.ndarray:
-    return _call_kernel(xb, *blocks, block_info=block_info, **kwargs).reshape(1)
+def _call_partial(xb: np.ndarray, *blocks: Any, **kwargs: Any) -> np.ndarray:
+    # one partial per block: a leading axis of length 1
+    return _call_kernel(xb, *blocks, **kwargs)[None]
 
 
 def block_rows(
@@ -329,18 +362,8 @@ def block_rows(
     row-wise concatenation, shape (sum m_b, width), with unknown chunk sizes. Use it for
     small selections only (samples, candidate centres, farthest points).
     """
-    nb = x.numblocks[0]
-    cols = [a[:, None] for a in aligned]
-    return da.map_blocks(
-        _call_rows, x, *cols, chunks=((np.nan,) * nb, (width,)), dtype=dtype,
-        kernel=kernel, n_aligned=len(cols), consts=shared_consts(consts),
-    )
-
-
-def _call_rows(
-    xb: np.ndarray, *blocks: np.ndarray, block_info: dict | None = None, **kwargs: Any
-) -> np.ndarray:
-    return _call_kernel(xb, *blocks, block_info=block_info, **kwargs)[0]
+    return row_blockwise(_call_kernel, x, *aligned, out_rows=np.nan, out_shape=(width,),
+                         dtype=dtype, kernel=kernel, consts=shared_consts(consts))
 
 
 def tree_sum(partials: da.Array, split_every: int = 8) -> da.Array:
@@ -484,6 +507,28 @@ def exact_sq_dists(xs: np.ndarray, centers: np.ndarray, labels: np.ndarray) -> n
     np.take(centers, labels, axis=0, out=diff, mode="clip")
     np.subtract(xs, diff, out=diff)
     return np.einsum("ij,ij->i", diff, diff)
+
+
+def gather_blocks(*arrays: da.Array) -> tuple[np.ndarray, ...]:
+    """Compute small arrays chunked by rows only, each block fetched to the client and the
+    blocks joined here.
+
+    ``dask.compute`` joins them in a task of its own on a worker, where most of the blocks
+    are; it then waits behind any long task running there (the eda stage's partials, done
+    0.2 s after they were sent, came back 2.8 s later from behind a k-means fit;
+    docs/benchmarks.md, "Session 18"). For results of a few MB at most.
+    """
+    if any(n != 1 for a in arrays for n in a.numblocks[1:]):
+        raise ValueError("gather_blocks takes arrays chunked along the rows only")
+    persisted = dask.persist(*arrays)
+    if not is_persisted(persisted[0]):  # no distributed cluster: persist computed them
+        return tuple(np.asarray(p.compute()) for p in persisted)
+    from distributed import futures_of, get_client
+
+    by_key = {f.key: f for p in persisted for f in futures_of(p)}
+    blocks = get_client().gather(
+        [[by_key[k] for k in flatten(p.__dask_keys__())] for p in persisted])
+    return tuple(np.concatenate(b, axis=0) for b in blocks)
 
 
 def one_block(x: da.Array) -> Any:

@@ -62,6 +62,7 @@ from fmnist_dask._blocks import (
     on_worker,
     ordered_sum,
     ordered_tree,
+    row_blockwise,
     scratch,
     shared_consts,
     sum_rows_in_order,
@@ -625,10 +626,10 @@ def _lloyd_step(
 
 
 def _call_vector(
-    xb: np.ndarray, *blocks: np.ndarray, kernel: Callable, consts: tuple
+    xb: np.ndarray, *blocks: Any, kernel: Callable, consts: tuple
 ) -> np.ndarray:
-    # aligned vectors travel as (rows, 1) columns (see _blocks._call_kernel)
-    return kernel(xb, *[b[:, 0] for b in blocks], *consts)
+    *aligned, _ = blocks  # the block's position (see _blocks.row_blockwise) is not needed
+    return kernel(xb, *aligned, *consts)
 
 
 class _ClusterPasses:
@@ -678,10 +679,8 @@ class _ClusterPasses:
         self, kernel: Callable, *aligned: da.Array, consts: tuple = ()
     ) -> tuple[da.Array, float]:
         """A per-row float64 vector computed and kept on the workers, and its total."""
-        v = da.map_blocks(
-            _call_vector, self.X, *[a[:, None] for a in aligned], drop_axis=1,
-            dtype=np.float64, kernel=self._rows(kernel), consts=shared_consts(consts),
-        )
+        v = row_blockwise(_call_vector, self.X, *aligned, dtype=np.float64,
+                          kernel=self._rows(kernel), consts=shared_consts(consts))
         parts = v.map_blocks(_vector_total, chunks=((1,) * v.numblocks[0],), dtype=np.float64)
         # one submission: the vector stays on the workers, only its partial totals return
         v, parts = dask.persist(v, ordered_tree(parts, self.split_every))
