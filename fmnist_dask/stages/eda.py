@@ -1,8 +1,12 @@
 """Exploration stage: sample images, class counts, pixel histogram, mean and std.
 
-Everything is reduced on the workers (per-block counts of the 256 byte values, from which
-the histogram, mean and std follow exactly); only the nine sample images and the counts
-reach the client.
+Everything is reduced on the workers in one level of tasks, one per block of the stored
+uint8 pixels: how often each of the 256 byte values occurs (from which the histogram,
+mean and std follow exactly), the rows per class, and the sample rows that fall in the
+block. Only these small partials reach the client, which adds them up. One level, so that
+every task is ready as the stage starts and its priority puts it ahead of the longer
+stages' tasks on the worker that holds its block (a tree of partials put its later levels
+behind a k-means fit of seconds; docs/benchmarks.md, "Session 18").
 """
 
 from __future__ import annotations
@@ -10,15 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import dask
-import dask.array as da
 import numpy as np
 
 from fmnist_dask import plots, runfiles
-from fmnist_dask._blocks import block_partials, tree_sum
+from fmnist_dask._blocks import block_partials, block_rows, gather_blocks
 from fmnist_dask.config import EdaSpec
-from fmnist_dask.schema import LABEL_NAMES
+from fmnist_dask.schema import LABEL_NAMES, N_PIXELS
 from fmnist_dask.stages.clean import CleanData
+
+#: Bins of the per-block class counts: label + 1 (bin 0 holds unlabelled rows, -1).
+_CLASS_BINS = len(LABEL_NAMES) + 1
 
 
 def label_name(label: int) -> str:
@@ -26,7 +31,7 @@ def label_name(label: int) -> str:
     return LABEL_NAMES[label] if 0 <= label < len(LABEL_NAMES) else "unlabelled"
 
 
-def _k_value_counts(xb: np.ndarray, **_: Any) -> np.ndarray:
+def _k_value_counts(xb: np.ndarray) -> np.ndarray:
     """How often each byte value 0..255 occurs in a block of uint8 pixels."""
     flat = xb.reshape(-1)
     counts = np.zeros(256, dtype=np.int64)
@@ -34,6 +39,20 @@ def _k_value_counts(xb: np.ndarray, **_: Any) -> np.ndarray:
     for s in range(0, flat.size, step):
         counts += np.bincount(flat[s : s + step], minlength=256)
     return counts
+
+
+def _k_counts(xb: np.ndarray, labels: np.ndarray, **_: Any) -> np.ndarray:
+    """``[byte-value counts (256) | rows per label + 1 (11)]`` of one block."""
+    classes = np.bincount(labels.astype(np.int64) + 1, minlength=_CLASS_BINS)
+    return np.concatenate([_k_value_counts(xb), classes])
+
+
+def _k_sample_rows(xb: np.ndarray, labels: np.ndarray, row_ids: np.ndarray,
+                   chosen: np.ndarray, *, row_offset: int, **_: Any) -> np.ndarray:
+    """The rows of ``chosen`` (global row positions) in this block, as
+    ``[784 pixels, label, row id]`` int64 rows."""
+    local = chosen[(chosen >= row_offset) & (chosen < row_offset + len(xb))] - row_offset
+    return np.column_stack([xb[local], labels[local], row_ids[local]]).astype(np.int64)
 
 
 def pixel_statistics(value_counts: np.ndarray, bins: int
@@ -75,21 +94,22 @@ def explore(data: CleanData, splits: list[str], spec: EdaSpec, out_dir: Path, se
         ``pixel_mean`` and ``pixel_std`` of the scaled pixels (over all pixels of all kept
         rows), ``class_counts`` per split (by class name), ``histogram`` counts and edges.
     """
-    # Every statistic of the scaled pixels follows from how often each of the 256 stored
-    # byte values occurs: one count per block of the uint8 pixels, no float pass.
-    value_counts = tree_sum(block_partials(_k_value_counts, data.raw_pixels, out_shape=(256,),
-                                           dtype=np.int64))
-    shifted = (data.label + 1).astype(np.int64)  # bin 0 holds unlabelled rows (-1)
-    per_split = {
-        s: da.bincount(shifted, weights=(data.split == s).astype(np.int64),
-                       minlength=len(LABEL_NAMES) + 1)
-        for s in splits
-    }
     rng = np.random.default_rng(seed)
     n_show = min(spec.sample_grid**2, data.n_rows)
     chosen = np.sort(rng.choice(data.n_rows, size=n_show, replace=False))
-    value_counts, per_split, images, labels, sample_ids = dask.compute(
-        value_counts, per_split, data.pixels[chosen], data.label[chosen], data.row_id[chosen])
+    # Per-block partials, added up here (no tree of tasks: see the module's docstring).
+    partials, sample = gather_blocks(
+        block_partials(_k_counts, data.raw_pixels, data.label, out_shape=(256 + _CLASS_BINS,),
+                       dtype=np.int64),
+        block_rows(_k_sample_rows, data.raw_pixels, data.label, data.row_id,
+                   consts=(chosen,), width=N_PIXELS + 2, dtype=np.int64))
+    value_counts = partials[:, :256].sum(axis=0)
+    per_split = {s: np.zeros(_CLASS_BINS, dtype=np.int64) for s in splits}
+    for split, block in zip(data.block_splits, partials[:, 256:], strict=True):
+        per_split[split] += block
+    # scaled as the models see the pixels (float32 v / 255, clean.scale_pixels)
+    images = sample[:, :N_PIXELS].astype(np.float32) / np.float32(255)
+    labels, sample_ids = sample[:, N_PIXELS], sample[:, N_PIXELS + 1]
     mean, std, counts, edges = pixel_statistics(value_counts, spec.histogram_bins)
     plots.image_grid(images, [label_name(int(v)) for v in labels], spec.sample_grid,
                      out_dir / runfiles.SAMPLE_IMAGES, "Random sample of cleaned images")
