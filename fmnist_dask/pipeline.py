@@ -38,6 +38,7 @@ from fmnist_dask.dask_cluster import (
 )
 from fmnist_dask.models.kmeans import MAX_LOCAL_BYTES
 from fmnist_dask.rundir import Run, default_run_name, open_run
+from fmnist_dask.schema import N_PIXELS
 from fmnist_dask.stages import clean, cluster, eda, embed, evaluate, load, reduce, report
 
 logger = logging.getLogger("fmnist_dask")
@@ -96,20 +97,13 @@ def _clean(job: JobState) -> StageOutput:
     raw, pieces, files = job.outputs["load"]
     counts = clean.clean(raw, pieces, files, job.spec.clean, job.run.dir)
     job.manifest["rows"] = counts.as_dict()
-    data = clean.load_cleaned(job.run.dir)
-    keep = data.raw_pixels.nbytes <= min(
+    # Read once and keep the uint8 pixels (a quarter of float32) in worker memory when
+    # they fit: k-means and PCA pass over them many times; each pass rescales block by block.
+    pixel_bytes = job.manifest["rows"]["total"]["kept"] * N_PIXELS  # uint8
+    keep = pixel_bytes <= min(
         job.spec.persist_max_bytes, PERSIST_SHARE * _worker_memory(job.session.description))
+    data = clean.load_cleaned(job.run.dir, in_memory=keep)
     job.manifest["pixels"] = {"bytes": int(data.raw_pixels.nbytes), "in_worker_memory": keep}
-    if keep:
-        # Read once and keep the uint8 pixels (a quarter of float32) in worker memory:
-        # k-means and PCA pass over them many times; each pass rescales block by block.
-        data.raw_pixels = data.raw_pixels.persist()
-    # Row ids and classes (9 bytes a row) stay in worker memory too. Read from the files,
-    # their tasks would be root tasks, which the scheduler holds back while the workers
-    # are busy with tasks already sent to them, whatever the priorities: the reduce stage
-    # waited 13 s for the raw silhouette's 246 tasks to drain before writing its rows
-    # (docs/benchmarks.md, "Big data, session 12").
-    data.row_id, data.label = data.row_id.persist(), data.label.persist()
     return (data, list(counts.read)), {"rows": counts.as_dict()["total"]}
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from dask.core import flatten
+from distributed import futures_of, wait
 
 from fmnist_dask import passes, pixelfiles
 from fmnist_dask.config import CleanSpec, DataSpec, EdaSpec
@@ -92,6 +94,31 @@ def test_real_csv_subset_reads_same_values_as_idx(tmp_path, real_arrays, dask_cl
     # Line numbers: the header is line 1, so data row k of a file is on line k + 2.
     assert frame["source_line"].tolist()[:3] == [2, 3, 4]
     assert frame.loc[frame.split == "test", "source_line"].tolist()[:2] == [2, 3]
+
+
+def test_cleaned_blocks_kept_in_memory_have_images_ids_and_labels_on_one_worker(
+        tmp_path, real_arrays, dask_client):
+    train_x, train_y = real_arrays["train"]
+    write_rows(tmp_path / "train.csv", train_y[:2000], train_x[:2000])
+    spec = DataSpec(dir=str(tmp_path), splits={"train": "train.csv"}, blocksize="512KiB")
+    _, out = run_clean(tmp_path, spec)
+    kept = clean_stage.load_cleaned(out, in_memory=True)
+    blocks = kept.raw_pixels.numblocks[0]
+    assert blocks > 4
+    arrays = (kept.raw_pixels, kept.row_id, kept.label)
+    wait(arrays)
+    who_has = dask_client.who_has([f for a in arrays for f in futures_of(a)])
+    keys = [list(flatten(a.__dask_keys__())) for a in arrays]
+    for i in range(blocks):
+        holders = {who_has[k[i]] for k in keys}
+        assert len(holders) == 1 and len(next(iter(holders))) == 1, (i, holders)
+    # the same rows as the arrays read apart
+    apart = clean_stage.load_cleaned(out)
+    np.testing.assert_array_equal(kept.raw_pixels.compute(), train_x[:2000])
+    np.testing.assert_array_equal(kept.label.compute(), train_y[:2000])
+    np.testing.assert_array_equal(kept.row_id.compute(), apart.row_id.compute())
+    assert kept.block_splits == apart.block_splits
+    assert kept.raw_pixels.chunks == apart.raw_pixels.chunks
 
 
 # ---------------------------------------------------------------------------------------

@@ -370,33 +370,55 @@ def scale_pixels(raw: da.Array) -> da.Array:
     return raw.map_blocks(_scale_block, dtype=np.float32)
 
 
-def load_cleaned(run_dir: Path) -> CleanData:
+def _read_part(path: str, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A pixel file's images, row ids and labels, read by one task."""
+    return (pixelfiles.read_pixels(path, rows), pixelfiles.read_column(path, "row_id"),
+            pixelfiles.read_column(path, "label"))
+
+
+def load_cleaned(run_dir: Path, in_memory: bool = False) -> CleanData:
     """Open ``run_dir/cleaned/`` as :class:`CleanData`, one block per pixel file.
 
     Row counts come from the files' footers, read here; each file is checked again when a
     task reads it, so a file missing, truncated or foreign stops the run (:class:`InputError`,
     exit 3) with its name.
+
+    ``in_memory``: every array is computed now and kept in worker memory, each file's
+    images, row ids and labels read by one task, so that a block's three parts are on one
+    worker. Read apart (the default, for pixels too large to keep: each pass over them
+    reads the files), the parts of one block were on different workers in half the blocks,
+    and a task needing two of them waited for a transfer from a worker that could be inside
+    a long task (docs/benchmarks.md, "Session 18").
     """
     parts = cleaned_parts(run_dir)
     if not parts:
         raise InputError(f"{run_dir / runfiles.CLEANED}: no pixel files (part-*.parquet)")
     footers = [pixelfiles.check_part(p) for p in parts]
     lengths = [f.num_rows for f in footers]
+    block_splits = tuple(_split_of_part(f, p) for f, p in zip(footers, parts, strict=True))
+    shapes = {"pixels": (N_PIXELS,), "row_id": (), "label": ()}
+    dtypes = {"pixels": np.uint8, "row_id": np.int64, "label": np.int8}
 
-    def stack(reader, dtype, *args, width: int | None = None) -> da.Array:
-        blocks = [
-            da.from_delayed(dask.delayed(reader, pure=True)(str(p), *args),
-                            shape=(n, width) if width else (n,), dtype=dtype)
-            for p, n in zip(parts, lengths, strict=True)
-        ]
-        return da.concatenate(blocks, axis=0)
+    def stack(blocks: list[dask.delayed], name: str) -> da.Array:
+        return da.concatenate([
+            da.from_delayed(block, shape=(n, *shapes[name]), dtype=dtypes[name])
+            for block, n in zip(blocks, lengths, strict=True)])
 
-    return CleanData(
-        raw_pixels=da.concatenate([
-            da.from_delayed(dask.delayed(pixelfiles.read_pixels, pure=True)(str(p), n),
-                            shape=(n, N_PIXELS), dtype=np.uint8)
-            for p, n in zip(parts, lengths, strict=True)]),
-        row_id=stack(pixelfiles.read_column, np.int64, "row_id"),
-        label=stack(pixelfiles.read_column, np.int8, "label"),
-        block_splits=tuple(_split_of_part(f, p) for f, p in zip(footers, parts, strict=True)),
-    )
+    if in_memory:
+        reads = [dask.delayed(_read_part, pure=True, nout=3)(str(p), n)
+                 for p, n in zip(parts, lengths, strict=True)]
+        arrays = dask.persist(*(stack([r[i] for r in reads], name)
+                                for i, name in enumerate(shapes)))
+    else:
+        # Row ids and classes (9 bytes a row) stay in worker memory all the same. Read
+        # from the files, their tasks would be root tasks, which the scheduler holds back
+        # while the workers are busy with tasks already sent to them, whatever the
+        # priorities: the reduce stage waited 13 s for the raw silhouette's 246 tasks to
+        # drain before writing its rows (docs/benchmarks.md, "Big data, session 12").
+        columns = {name: [dask.delayed(pixelfiles.read_column, pure=True)(str(p), name)
+                          for p in parts] for name in ("row_id", "label")}
+        row_id, label = dask.persist(*(stack(columns[name], name) for name in columns))
+        pixels = stack([dask.delayed(pixelfiles.read_pixels, pure=True)(str(p), n)
+                        for p, n in zip(parts, lengths, strict=True)], "pixels")
+        arrays = (pixels, row_id, label)
+    return CleanData(*arrays, block_splits=block_splits)
