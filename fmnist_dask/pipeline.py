@@ -260,7 +260,10 @@ class Stage:
         Dask priority of the stage's tasks: while stages share the workers, the ready tasks
         of the higher one run first. Without it the oldest graph goes first, and a model fit
         of a second waits behind the hundreds of silhouette tasks submitted before it. The
-        job's levels: 0 for the data and the model fits, -1 for the scores.
+        job's levels: among the stages that start together after clean, the short ones
+        first (2 for the look at the data, 0.2 s of tasks; 1 for the PCA and the k-means on
+        it, which the sample and its models wait for; 0 for the k-means on the pixels, one
+        task of seconds, and the other fits); -1 for the scores.
     alone : callable
         ``alone(job) -> bool``, asked once its needs are done: whether the stage's work
         takes every core of its host (the t-SNE fit runs its own threads) and should have
@@ -310,10 +313,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("augment", _augment, enabled=lambda s: s.augment.enabled),
     Stage("load", _load, needs=("augment",)),  # reads what augment wrote, when it runs
     Stage("clean", _clean, needs=("load",)),
-    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled),
+    # The three stages after clean start together; the short ones' tasks go first.
+    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled, priority=2),
     Stage("kmeans_raw", _kmeans_raw, needs=("clean",), enabled=_method_enabled("kmeans_raw")),
-    Stage("reduce", _reduce, needs=("clean",), enabled=lambda s: s.reduce.enabled),
-    Stage("kmeans_pca", _kmeans_pca, needs=("reduce",), enabled=_method_enabled("kmeans_pca")),
+    Stage("reduce", _reduce, needs=("clean",), enabled=lambda s: s.reduce.enabled, priority=1),
+    Stage("kmeans_pca", _kmeans_pca, needs=("reduce",), enabled=_method_enabled("kmeans_pca"),
+          priority=1),
     Stage("sample", _sample, needs=("reduce",), enabled=_sample_based),
     Stage("gmm", _gmm, needs=("sample",), enabled=_method_enabled("gmm")),
     Stage("spectral", _spectral, needs=("sample",), enabled=_method_enabled("spectral")),
