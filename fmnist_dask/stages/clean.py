@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from dask.delayed import Delayed
 
 from fmnist_dask import passes, pixelfiles, runfiles
 from fmnist_dask._blocks import recycled
@@ -399,7 +400,7 @@ def load_cleaned(run_dir: Path, in_memory: bool = False) -> CleanData:
     shapes = {"pixels": (N_PIXELS,), "row_id": (), "label": ()}
     dtypes = {"pixels": np.uint8, "row_id": np.int64, "label": np.int8}
 
-    def stack(blocks: list[dask.delayed], name: str) -> da.Array:
+    def stack(blocks: list[Delayed], name: str) -> da.Array:
         return da.concatenate([
             da.from_delayed(block, shape=(n, *shapes[name]), dtype=dtypes[name])
             for block, n in zip(blocks, lengths, strict=True)])
