@@ -531,6 +531,23 @@ def gather_blocks(*arrays: da.Array) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate(b, axis=0) for b in blocks)
 
 
+def computed(x: da.Array) -> da.Array:
+    """Return the persisted ``x`` once its blocks are computed on the workers; raise the
+    error of a task of it that failed.
+
+    Not ``x.sum().compute()``: that adds a level of tasks and a joining task on a worker,
+    two more waits behind another stage's long tasks (docs/benchmarks.md, "Session 18").
+    """
+    from distributed import futures_of, wait
+
+    futures = futures_of(x)
+    wait(futures)  # a failed task's future is done too
+    for future in futures:
+        if future.status in ("error", "cancelled"):
+            future.result()  # raises the task's error
+    return x
+
+
 def one_block(x: da.Array) -> Any:
     """``x`` as a single delayed block, to hand whole to a task on a worker."""
     return x.rechunk({0: -1}).to_delayed().ravel()[0]

@@ -140,7 +140,8 @@ def _kmeans_pca(job: JobState) -> StageOutput:
     result, model = cluster.kmeans(job.features("pca"), job.spec.kmeans, job.spec.seed,
                                    "kmeans_pca", "pca")
     _, pca = job.outputs["reduce"]
-    centres = pca.inverse_transform(model.cluster_centers_).compute()
+    # ten rows: in this thread, not a round trip to a worker busy with long tasks
+    centres = pca.inverse_transform(model.cluster_centers_).compute(scheduler="sync")
     cluster.save_centroids(model.cluster_centers_, result.method, job.run.dir, images=centres)
     return result, result.scores
 

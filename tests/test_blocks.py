@@ -7,9 +7,10 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-from distributed import get_task_stream, wait
+import pytest
+from distributed import futures_of, get_task_stream, wait
 
-from fmnist_dask._blocks import block_partials, block_rows, gather_blocks
+from fmnist_dask._blocks import block_partials, block_rows, computed, gather_blocks
 
 
 def _block_summary(xb: np.ndarray, labels: np.ndarray, weights: np.ndarray, scale: float, *,
@@ -69,3 +70,19 @@ def test_gather_blocks_joins_the_blocks_on_the_client(dask_client):
     ran = [str(t["key"]) for t in stream.data]
     assert len(ran) == 2 * dx.numblocks[0], ran
     assert not any("finalize" in key for key in ran)
+
+
+def _fails_on_the_second_block(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    if block_info[0]["chunk-location"][0] == 1:
+        raise ValueError("block 1 is bad")
+    return block
+
+
+def test_computed_waits_for_the_blocks_and_raises_a_failed_tasks_error(dask_client):
+    _, labels, _, _, dl, _ = _uneven(dask_client)
+    doubled = computed((dl * 2).persist())
+    assert all(f.status == "finished" for f in futures_of(doubled))
+    np.testing.assert_array_equal(doubled.compute(), labels * 2)
+    failing = dl.map_blocks(_fails_on_the_second_block, dtype=dl.dtype).persist()
+    with pytest.raises(ValueError, match="block 1 is bad"):
+        computed(failing)

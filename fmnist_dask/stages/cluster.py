@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from fmnist_dask import plots, runfiles
-from fmnist_dask._blocks import on_worker, one_block
+from fmnist_dask._blocks import computed, on_worker, one_block
 from fmnist_dask.config import GMMSpec, KMeansSpec, ManifoldSpec, SpectralSpec
 from fmnist_dask.models.extend import KNeighborsExtension
 from fmnist_dask.models.gmm import fit_gmm, gmm_summary, predict_blocks
@@ -39,7 +39,7 @@ def kmeans(X: da.Array, spec: KMeansSpec, seed: int, method: str, features: str,
                        random_state=seed, divide_by=divide_by,
                        max_local_bytes=max_local_bytes).fit(X)
     labels = model.labels_.persist()
-    da.compute(labels.sum())  # wait, so the wall time covers labelling too
+    computed(labels)  # the wall time covers labelling too
     result = ClusterResult(
         method=method, labels=labels, n_clusters=spec.n_clusters, features=features,
         fit_seconds=time.perf_counter() - start,
@@ -73,7 +73,7 @@ def gmm(projected: da.Array, sample: Sample, spec: GMMSpec, seed: int) -> Cluste
                        covariance_type=spec.covariance_type, random_state=seed)
     summary = on_worker(gmm_summary, model, rows)
     labels = predict_blocks(model, projected).persist()
-    da.compute(labels.sum())
+    computed(labels)
     return ClusterResult(
         method="gmm", labels=labels, n_clusters=spec.n_components, features="pca",
         fit_seconds=time.perf_counter() - start,
@@ -99,7 +99,7 @@ def spectral(projected: da.Array, sample: Sample, spec: SpectralSpec, seed: int
         sample.rows.compute(), sample_labels, sample_indices=sample.indices
     )
     labels = extension.predict(projected).astype(np.int32).persist()
-    da.compute(labels.sum())
+    computed(labels)
     return ClusterResult(
         method="spectral", labels=labels, n_clusters=spec.n_clusters, features="pca",
         fit_seconds=time.perf_counter() - start, scores={"sample_size": sample.size},
@@ -127,7 +127,7 @@ def manifold(pixels: da.Array, sample: Sample, spec: ManifoldSpec, seed: int) ->
     images = one_block(take_rows(pixels, sample.indices))
     model = fit_on_workers(manifold_ensemble(spec, seed), images, sample.indices)
     labels = model.predict(pixels).astype(np.int32).persist()
-    da.compute(labels.sum())
+    computed(labels)
     return ClusterResult(
         method="manifold_gmm", labels=labels, n_clusters=spec.n_clusters, features="pca",
         fit_seconds=time.perf_counter() - start,
