@@ -103,7 +103,7 @@ def _clean(job: JobState) -> StageOutput:
     keep = pixel_bytes <= min(
         job.spec.persist_max_bytes, PERSIST_SHARE * _worker_memory(job.session.description))
     data = clean.load_cleaned(job.run.dir, in_memory=keep)
-    job.manifest["pixels"] = {"bytes": int(data.raw_pixels.nbytes), "in_worker_memory": keep}
+    job.manifest["pixels"] = {"bytes": pixel_bytes, "in_worker_memory": keep}
     return (data, list(counts.read)), {"rows": counts.as_dict()["total"]}
 
 

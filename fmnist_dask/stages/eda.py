@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from fmnist_dask import plots, runfiles
-from fmnist_dask._blocks import block_partials, block_rows, gather_blocks
+from fmnist_dask._blocks import block_partials, gather_blocks
 from fmnist_dask.config import EdaSpec
-from fmnist_dask.schema import LABEL_NAMES, N_PIXELS
+from fmnist_dask.sampling import take_rows
+from fmnist_dask.schema import LABEL_NAMES
 from fmnist_dask.stages.clean import CleanData
 
 #: Bins of the per-block class counts: label + 1 (bin 0 holds unlabelled rows, -1).
@@ -45,14 +46,6 @@ def _k_counts(xb: np.ndarray, labels: np.ndarray, **_: Any) -> np.ndarray:
     """``[byte-value counts (256) | rows per label + 1 (11)]`` of one block."""
     classes = np.bincount(labels.astype(np.int64) + 1, minlength=_CLASS_BINS)
     return np.concatenate([_k_value_counts(xb), classes])
-
-
-def _k_sample_rows(xb: np.ndarray, labels: np.ndarray, row_ids: np.ndarray,
-                   chosen: np.ndarray, *, row_offset: int, **_: Any) -> np.ndarray:
-    """The rows of ``chosen`` (global row positions) in this block, as
-    ``[784 pixels, label, row id]`` int64 rows."""
-    local = chosen[(chosen >= row_offset) & (chosen < row_offset + len(xb))] - row_offset
-    return np.column_stack([xb[local], labels[local], row_ids[local]]).astype(np.int64)
 
 
 def pixel_statistics(value_counts: np.ndarray, bins: int
@@ -98,18 +91,16 @@ def explore(data: CleanData, splits: list[str], spec: EdaSpec, out_dir: Path, se
     n_show = min(spec.sample_grid**2, data.n_rows)
     chosen = np.sort(rng.choice(data.n_rows, size=n_show, replace=False))
     # Per-block partials, added up here (no tree of tasks: see the module's docstring).
-    partials, sample = gather_blocks(
+    partials, pixels, labels, sample_ids = gather_blocks(
         block_partials(_k_counts, data.raw_pixels, data.label, out_shape=(256 + _CLASS_BINS,),
                        dtype=np.int64),
-        block_rows(_k_sample_rows, data.raw_pixels, data.label, data.row_id,
-                   consts=(chosen,), width=N_PIXELS + 2, dtype=np.int64))
+        *(take_rows(x, chosen) for x in (data.raw_pixels, data.label, data.row_id)))
     value_counts = partials[:, :256].sum(axis=0)
     per_split = {s: np.zeros(_CLASS_BINS, dtype=np.int64) for s in splits}
     for split, block in zip(data.block_splits, partials[:, 256:], strict=True):
         per_split[split] += block
     # scaled as the models see the pixels (float32 v / 255, clean.scale_pixels)
-    images = sample[:, :N_PIXELS].astype(np.float32) / np.float32(255)
-    labels, sample_ids = sample[:, N_PIXELS], sample[:, N_PIXELS + 1]
+    images = pixels.astype(np.float32) / np.float32(255)
     mean, std, counts, edges = pixel_statistics(value_counts, spec.histogram_bins)
     plots.image_grid(images, [label_name(int(v)) for v in labels], spec.sample_grid,
                      out_dir / runfiles.SAMPLE_IMAGES, "Random sample of cleaned images")
