@@ -41,6 +41,8 @@ from pydantic import (
     model_validator,
 )
 
+from fmnist_dask.logs import stages_since
+
 logger = logging.getLogger(__name__)
 
 #: Distribution name -> import name of the packages that must match between client and workers.
@@ -644,6 +646,7 @@ class ClusterWatchdog:
                                         daemon=True)
 
     def start(self) -> ClusterWatchdog:
+        self._asked = time.monotonic()
         try:  # the workers at the start, so that a loss before the first poll is named too
             self._known: dict[str, str] | None = self._ask()
         except Exception:
@@ -663,11 +666,13 @@ class ClusterWatchdog:
     def _run(self) -> None:
         known = self._known
         empty_since: float | None = None
+        asked = self._asked  # when ``known`` was asked for
         while not self._stop.wait(self.interval):
             if self.client.status != "running":
                 if self.client.status in ("closing", "closed"):
                     return
                 continue  # reconnecting: the client decides within its own timeout
+            polled = time.monotonic()
             try:
                 workers = self._ask()
             except TimeoutError:
@@ -680,13 +685,15 @@ class ClusterWatchdog:
                 continue
             if known is not None:
                 for addr in sorted(known.keys() - workers.keys()):
+                    # it left at some moment since the last answer: name every stage that
+                    # ran since, not only those still running (one may have just ended)
                     logger.warning("worker %s (%s) left the cluster; %d worker(s) remain; "
                                    "Dask recomputes the results it held", addr, known[addr],
-                                   len(workers))
+                                   len(workers), extra={"stage": stages_since(asked)})
                 for addr in sorted(workers.keys() - known.keys()):
                     logger.info("worker %s (%s) joined the cluster; %d worker(s)", addr,
                                 workers[addr], len(workers))
-            known = workers
+            known, asked = workers, polled
             if workers:
                 empty_since = None
             elif empty_since is None:

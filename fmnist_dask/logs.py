@@ -16,11 +16,13 @@ duration of a run. The terminal handler also owns the one-line progress display
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import datetime as dt
 import logging
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +41,8 @@ _stage: contextvars.ContextVar[str | None] = contextvars.ContextVar("fmnist_dask
 #: Stages running now, in the order they started: the label of lines logged by threads that
 #: work for no stage in particular (Dask's event loop forwarding a worker's warning, ...).
 _running: list[str] = []
+#: (name, time.monotonic() at its end) of the stages that ended, the latest last.
+_ended: collections.deque[tuple[str, float]] = collections.deque(maxlen=256)
 _running_lock = threading.Lock()
 
 
@@ -57,6 +61,7 @@ def stage_label(name: str) -> Iterator[None]:
     finally:
         with _running_lock:
             _running.remove(name)
+            _ended.append((name, time.monotonic()))
         _stage.reset(token)
 
 
@@ -66,6 +71,18 @@ def _label() -> str:
         return own
     with _running_lock:
         return "+".join(_running) or NO_STAGE
+
+
+def stages_since(since: float) -> str:
+    """The label of the stages that ran at any time from ``since`` (``time.monotonic()``)
+    to now: those running and those that ended since, joined by ``+``.
+
+    For a line about something that happened at an unknown moment of that span: a worker
+    seen gone at one poll of the cluster left it at some time after the poll before.
+    """
+    with _running_lock:
+        names = [name for name, end in _ended if end >= since] + _running
+    return "+".join(dict.fromkeys(names)) or NO_STAGE
 
 
 class _StageFilter(logging.Filter):

@@ -225,6 +225,19 @@ def test_log_lines_name_time_level_and_stage(tmp_path):
         "run failed: RuntimeError: boom")
 
 
+def test_stages_since_a_moment_name_the_running_ones_and_those_ended_since():
+    before = time.monotonic()
+    with logs.stage_label("reduce"):
+        with logs.stage_label("kmeans_raw"):
+            pass
+        middle = time.monotonic()
+        with logs.stage_label("score_kmeans_raw"):
+            # a worker seen gone now left at some moment since ``before``: kmeans_raw ran then
+            assert logs.stages_since(before) == "kmeans_raw+reduce+score_kmeans_raw"
+            assert logs.stages_since(middle) == "reduce+score_kmeans_raw"
+    assert logs.stages_since(time.monotonic()) == logs.NO_STAGE
+
+
 def _warn_on_worker(text: str) -> None:
     logging.getLogger("distributed.worker").warning(text)
 
