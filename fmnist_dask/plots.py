@@ -46,16 +46,24 @@ def save(fig: plt.Figure, path: Path) -> Path:
 @_one_at_a_time
 def image_grid(images: np.ndarray, titles: Sequence[str], n_cols: int, path: Path,
                suptitle: str | None = None) -> Path:
-    """Grid of 28x28 images (rows of ``images``, values in [0, 1]) with a title each."""
+    """Grid of 28x28 images (rows of ``images``, values in [0, 1]) with a title each.
+
+    Drawn as one picture with the titles above its rows of images: an axes per image
+    took 0.37 s of the client's time for ten images, and the stages draw four such grids.
+    """
     n_rows = max(1, -(-len(images) // n_cols))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.8 * n_rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, image, title in zip(axes.ravel(), images, titles, strict=False):
-        ax.imshow(np.asarray(image).reshape(IMAGE_SHAPE), cmap="gray_r", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=8)
+    rows = [images[r * n_cols : (r + 1) * n_cols] for r in range(n_rows)]
+    canvas = image_mosaic(rows, n_cols, title_gap=_TITLE_GAP)
+    fig, ax = plt.subplots(figsize=(1.6 * n_cols, 1.8 * n_rows))
+    ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    (h, w), gap = IMAGE_SHAPE, MOSAIC_GAP
+    for i, title in enumerate(titles[: len(images)]):
+        r, c = divmod(i, n_cols)
+        ax.text(c * (w + gap) + w / 2 - 0.5, _TITLE_GAP + r * (h + _TITLE_GAP) - 1.5, title,
+                ha="center", va="bottom", fontsize=8)
     if suptitle:
-        fig.suptitle(suptitle)
+        ax.set_title(suptitle, pad=12)
     return save(fig, path)
 
 
@@ -112,17 +120,21 @@ def explained_variance(ratio: np.ndarray, path: Path) -> Path:
 
 #: Blank pixels between the images of a mosaic.
 MOSAIC_GAP = 2
+#: Blank pixels above each row of an image grid, where the images' titles go.
+_TITLE_GAP = 9
 
 
-def image_mosaic(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
+def image_mosaic(rows: Sequence[np.ndarray], width: int, title_gap: int = 0) -> np.ndarray:
     """One picture of rows of 28x28 images (each row an (m, 784) array, m <= ``width``),
-    :data:`MOSAIC_GAP` blank pixels between images; values in [0, 1], blank cells 0."""
+    :data:`MOSAIC_GAP` blank pixels between images; with ``title_gap``, that many blank
+    pixels above every row instead (room for titles). Values in [0, 1], blank cells 0."""
     h, w = IMAGE_SHAPE
-    gap = MOSAIC_GAP
-    canvas = np.zeros((len(rows) * (h + gap) - gap, width * (w + gap) - gap))
+    between = title_gap or MOSAIC_GAP
+    canvas = np.zeros((len(rows) * (h + between) - between + title_gap,
+                       width * (w + MOSAIC_GAP) - MOSAIC_GAP))
     for r, images in enumerate(rows):
         for c, image in enumerate(images[:width]):
-            top, left = r * (h + gap), c * (w + gap)
+            top, left = title_gap + r * (h + between), c * (w + MOSAIC_GAP)
             canvas[top : top + h, left : left + w] = np.reshape(image, IMAGE_SHAPE)
     return canvas
 

@@ -271,3 +271,26 @@ def test_names_from_the_run_are_escaped_in_both_pages(tmp_path):
     assert cli("compare", str(run), "--out", str(html_out)).returncode == 0
     compared = html_out.read_text()
     assert "<script>" not in compared and "&lt;script&gt;alert(1)&lt;/script&gt;" in compared
+
+
+def test_image_grid_puts_each_image_below_room_for_its_title(tmp_path):
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    from fmnist_dask.plots import MOSAIC_GAP, image_grid, image_mosaic
+
+    images = np.zeros((5, 784))
+    for i in range(5):
+        images[i, i] = 1.0  # one lit pixel per image, in row 0, column i of the image
+    canvas = image_mosaic([images[:3], images[3:]], 3, title_gap=9)
+    # two rows of 28 pixels, each with 9 blank rows above it; 3 columns, 2 blank between
+    assert canvas.shape == (2 * (28 + 9), 3 * 28 + 2 * MOSAIC_GAP)
+    lit = sorted(zip(*np.nonzero(canvas), strict=True))
+    assert lit == [(9, 0), (9, 30 + 1), (9, 60 + 2), (9 + 37, 3), (9 + 37, 30 + 4)]
+    # without the gap: the mosaic of the sample figures, rows 2 pixels apart
+    assert image_mosaic([images[:3], images[3:]], 3).shape == (2 * 28 + MOSAIC_GAP, 88)
+
+    png = image_grid(images, [f"image {i}" for i in range(5)], 3, tmp_path / "grid.png", "five")
+    picture = mpimg.imread(png)
+    assert picture.shape[0] > 100 and picture.shape[1] > 200
+    assert picture[..., :3].min() < 0.2  # the lit pixels and the titles are drawn dark
