@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -144,11 +145,14 @@ class DaskPCA(TransformerMixin, BaseEstimator):
         k = self.n_components
         if not 1 <= k <= min(n, d):
             raise ValueError(f"n_components={k} must be between 1 and min(n, d)={min(n, d)}")
-        shift = np.asarray(X[: min(n, _SHIFT_ROWS)].mean(axis=0, dtype=np.float64).compute())
-        stats = tree_sum(
+        # the shift goes into the blocks' tasks as a task of the same graph: one round trip
+        # to the workers, not one for the shift and one for the scatter
+        shift = dask.delayed(np.asarray, pure=True)(
+            X[: min(n, _SHIFT_ROWS)].mean(axis=0, dtype=np.float64))
+        shift, stats = dask.compute(shift, tree_sum(
             block_partials(_k_scatter, X, consts=(shift,), out_shape=(d + 1, d)),
             self.split_every,
-        ).compute()
+        ))
         delta = stats[0] / n  # mean - shift
         cov = (stats[1:] - n * np.outer(delta, delta)) / (n - 1)
         cov = (cov + cov.T) / 2  # exact symmetry for eigh
