@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import pandas as pd
+from sklearn.mixture import GaussianMixture
 
 from fmnist_dask import plots, runfiles
 from fmnist_dask._blocks import computed, on_worker, one_block
@@ -65,13 +67,19 @@ def save_centroids(centers: np.ndarray, method: str, out_dir: Path,
                          out_dir / runfiles.centroids(method), f"{method}: cluster centres")
 
 
+def _fit_gmm_and_summary(rows: np.ndarray, **params: Any) -> tuple[GaussianMixture, dict]:
+    # one task: a second one for the summary waited, on the worker holding the sample,
+    # behind whichever fit started there meanwhile
+    model = fit_gmm(rows, **params)
+    return model, gmm_summary(model, rows)
+
+
 def gmm(projected: da.Array, sample: Sample, spec: GMMSpec, seed: int) -> ClusterResult:
     """Gaussian mixture fitted on the sample on a worker; every row assigned per block."""
     start = time.perf_counter()
     rows = one_block(sample.rows)
-    model = on_worker(fit_gmm, rows, n_components=spec.n_components,
-                       covariance_type=spec.covariance_type, random_state=seed)
-    summary = on_worker(gmm_summary, model, rows)
+    model, summary = on_worker(_fit_gmm_and_summary, rows, n_components=spec.n_components,
+                               covariance_type=spec.covariance_type, random_state=seed)
     labels = predict_blocks(model, projected).persist()
     computed(labels)
     return ClusterResult(
