@@ -260,11 +260,19 @@ class Stage:
     priority : int
         Dask priority of the stage's tasks: while stages share the workers, the ready tasks
         of the higher one run first. Without it the oldest graph goes first, and a model fit
-        of a second waits behind the hundreds of silhouette tasks submitted before it. The
-        job's levels: among the stages that start together after clean, the short ones
-        first (2 for the look at the data, 0.2 s of tasks; 1 for the PCA and the k-means on
-        it, which the sample and its models wait for; 0 for the k-means on the pixels, one
-        task of seconds, and the other fits); -1 for the scores.
+        of a second waits behind the hundreds of silhouette tasks submitted before it.
+        On a cluster of one host it also orders the stages themselves: a stage of priority 0
+        or more does not start while one of higher priority is ready or running. Task
+        priorities cannot stop a task that runs: the fits are single tasks of seconds that
+        run threads on every core, and beside the raw k-means' fit the PCA and the k-means
+        on it took 4.3 s instead of 1.8 s (docs/benchmarks.md, "Session 19"). The scores
+        (negative) are hundreds of short tasks, which their task priority alone puts behind
+        the rest: they start at once and fill the cores the others leave. The job's levels,
+        among the stages ready at the same time the short ones first: 2 for the look at the
+        data, the PCA and the k-means on it (under a second each; the sample and its models
+        wait for them); 1 for the raw k-means' fit (2 s, before the sample's fits, since
+        the longest score waits for it) and the GMM (2 s, before spectral's 6 s fit on the
+        same worker); 0 for the other stages; -1 for the scores.
     alone : callable
         ``alone(job) -> bool``, asked once its needs are done: whether the stage's work
         takes every core of its host (the t-SNE fit runs its own threads) and should have
@@ -314,14 +322,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("augment", _augment, enabled=lambda s: s.augment.enabled),
     Stage("load", _load, needs=("augment",)),  # reads what augment wrote, when it runs
     Stage("clean", _clean, needs=("load",)),
-    # The three stages after clean start together; the short ones' tasks go first.
+    # After clean: the short stages first, the raw k-means' fit once they are done.
     Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled, priority=2),
-    Stage("kmeans_raw", _kmeans_raw, needs=("clean",), enabled=_method_enabled("kmeans_raw")),
-    Stage("reduce", _reduce, needs=("clean",), enabled=lambda s: s.reduce.enabled, priority=1),
-    Stage("kmeans_pca", _kmeans_pca, needs=("reduce",), enabled=_method_enabled("kmeans_pca"),
+    Stage("kmeans_raw", _kmeans_raw, needs=("clean",), enabled=_method_enabled("kmeans_raw"),
           priority=1),
+    Stage("reduce", _reduce, needs=("clean",), enabled=lambda s: s.reduce.enabled, priority=2),
+    Stage("kmeans_pca", _kmeans_pca, needs=("reduce",), enabled=_method_enabled("kmeans_pca"),
+          priority=2),
     Stage("sample", _sample, needs=("reduce",), enabled=_sample_based),
-    Stage("gmm", _gmm, needs=("sample",), enabled=_method_enabled("gmm")),
+    Stage("gmm", _gmm, needs=("sample",), enabled=_method_enabled("gmm"), priority=1),
     Stage("spectral", _spectral, needs=("sample",), enabled=_method_enabled("spectral")),
     Stage("manifold_gmm", _manifold, needs=("sample",), enabled=_method_enabled("manifold_gmm")),
     Stage("tsne", _tsne, needs=("sample",), enabled=lambda s: s.tsne.enabled,
@@ -356,11 +365,15 @@ def _one_host(description: dict) -> bool:
 
 
 def _to_start(ready: list[Stage], running: list[Stage],
-              alone: Callable[[Stage], bool]) -> list[Stage]:
+              alone: Callable[[Stage], bool], by_priority: bool = True) -> list[Stage]:
     """Which of the ``ready`` stages start now, beside the ``running`` ones; ``alone(stage)``
-    says whether a stage runs by itself."""
+    says whether a stage runs by itself; ``by_priority``: whether stages of priority 0 or
+    more wait for those of higher priority (see :class:`Stage`)."""
     if any(alone(s) for s in running):
         return []
+    if by_priority:
+        top = max((s.priority for s in ready + running), default=0)
+        ready = [s for s in ready if s.priority < 0 or s.priority >= top]
     shared = [s for s in ready if not alone(s)]
     return shared if shared or running else ready[:1]
 
@@ -369,8 +382,9 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
     """Run ``stages`` (from :func:`enabled_stages`), each in its own thread once its needs
     are done; return when all are done.
 
-    A stage whose ``alone`` says so waits, on a cluster of one host, until no other stage
-    is running or ready, and runs by itself (see :class:`Stage`).
+    On a cluster of one host, a stage whose ``alone`` says so waits until no other stage
+    is running or ready, and runs by itself; and a stage of priority 0 or more waits while
+    one of higher priority is ready or running (see :class:`Stage`).
 
     The first stage that fails stops the run: its error is raised here (in the calling
     thread, so the command line maps it to its exit code) and no further stage starts; the
@@ -402,7 +416,7 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
         ready = [s for s in pending.values() if set(s.needs) <= done]
         if not ready and not running:
             raise RuntimeError(f"stages whose needs never run: {sorted(pending)}")
-        for stage in _to_start(ready, [stages[n] for n in running], alone):
+        for stage in _to_start(ready, [stages[n] for n in running], alone, one_host):
             del pending[stage.name]
             running.add(stage.name)
             # The thread sees this thread's context: the session's client is current there.

@@ -136,7 +136,8 @@ def test_local_run_on_a_terminal_shows_progress_and_writes_run_log_and_report(re
     # Every stage that lasts several redraws (0.5 s apart) is shown; clean is too quick here.
     lasting = {name for name, record in manifest["stages"].items()
                if record.get("tasks") and record["seconds"] >= 1.5}
-    assert "kmeans_raw" in lasting and lasting <= seen
+    # (which stages last that long depends on the job's speed: here the scores, at least)
+    assert lasting and lasting <= seen
     for _, done, total, active, _ in progress:
         assert 0 <= int(done) <= int(total) and int(active) <= int(total)
     # Each stage's final task count is in the manifest, and never below what was displayed.

@@ -127,6 +127,43 @@ def test_a_stage_runs_alone_only_on_a_cluster_of_one_host():
         assert tsne.alone(job) is expected
 
 
+def test_on_one_host_a_stage_waits_while_one_of_higher_priority_is_ready_or_running(tmp_path):
+    def sleep(seconds):
+        return lambda job: (time.sleep(seconds), {})
+
+    stages = {
+        "clean": Stage("clean", sleep(0)),
+        "reduce": Stage("reduce", sleep(0.2), needs=("clean",), priority=1),
+        "kmeans_pca": Stage("kmeans_pca", sleep(0.2), needs=("reduce",), priority=1),
+        "kmeans_raw": Stage("kmeans_raw", sleep(0.2), needs=("clean",)),
+        "sample": Stage("sample", sleep(0), needs=("reduce",)),
+        "score": Stage("score", sleep(0.2), needs=("clean",), priority=-1),
+    }
+    manifest: dict = {}
+    with open_run(tmp_path, "priority", manifest) as run:
+        run_stages(_job(run), stages)
+    records = manifest["stages"]
+    # the fit and the sample wait for both short stages; the scores do not wait
+    assert records["kmeans_raw"]["start"] >= records["kmeans_pca"]["end"]
+    assert records["sample"]["start"] >= records["kmeans_pca"]["end"]
+    assert records["score"]["start"] < records["reduce"]["end"]
+
+    high, low, score = Stage("high", None, priority=1), Stage("low", None), \
+        Stage("score", None, priority=-1)
+    never = lambda stage: False  # noqa: E731
+    assert _to_start([high, low, score], [], never) == [high, score]
+    assert _to_start([low], [high], never) == []
+    assert _to_start([low, score], [], never) == [low, score]
+    # several hosts: priorities order the tasks only
+    assert _to_start([high, low, score], [], never, by_priority=False) == [high, low, score]
+    # the job's table: after clean, the look at the data and the PCA go before the raw k-means
+    table = {s.name: s for s in STAGES}
+    assert table["eda"].priority == table["reduce"].priority == table["kmeans_pca"].priority
+    assert table["kmeans_raw"].priority < table["reduce"].priority
+    assert table["sample"].priority < table["kmeans_raw"].priority
+    assert table["spectral"].priority < table["gmm"].priority  # its 6 s fit after the 2 s one
+
+
 def test_the_first_failing_stage_stops_the_run_with_its_own_error(tmp_path):
     started = []
 
@@ -209,9 +246,13 @@ def test_two_runs_of_one_job_agree_exactly_whichever_stage_finishes_first(
     pd.testing.assert_frame_equal(first_metrics, second_metrics, check_exact=True)
     manifest = json.loads((runs[0] / "manifest.json").read_text())
     stages = manifest["stages"]
-    # The sample-based models overlapped: each started before the other ended.
-    assert stages["gmm"]["start"] < stages["spectral"]["end"]
-    assert stages["spectral"]["start"] < stages["gmm"]["end"]
+    # A fit and a score overlapped (the scores start as soon as their labels exist, beside
+    # the fits): each started before the other ended.
+    assert stages["kmeans_raw"]["start"] < stages["score_kmeans_pca"]["end"]
+    assert stages["score_kmeans_pca"]["start"] < stages["kmeans_raw"]["end"]
+    # On this one-host cluster the fits went in priority order, the short ones first.
+    assert stages["kmeans_raw"]["start"] >= stages["kmeans_pca"]["end"]
+    assert stages["spectral"]["start"] >= stages["gmm"]["end"]
     # When each worker computed each stage's tasks (the report's timeline draws it): within
     # the stage's own time, give or take the workers' clocks. Stages that call the same
     # functions (both k-means, the four silhouettes) each get their own tasks.
