@@ -268,11 +268,13 @@ class Stage:
         on it took 4.3 s instead of 1.8 s (docs/benchmarks.md, "Session 19"). The scores
         (negative) are hundreds of short tasks, which their task priority alone puts behind
         the rest: they start at once and fill the cores the others leave. The job's levels,
-        among the stages ready at the same time the short ones first: 2 for the look at the
-        data, the PCA and the k-means on it (under a second each; the sample and its models
-        wait for them); 1 for the raw k-means' fit (2 s, before the sample's fits, since
-        the longest score waits for it) and the GMM (2 s, before spectral's 6 s fit on the
-        same worker); 0 for the other stages; -1 for the scores.
+        among the stages ready at the same time the short ones first: 3 for the look at the
+        data (0.5 s; beside the PCA at 1.12 million rows, their tasks interleaved, it took
+        13.7 s instead of 3.8 s and the workers 2.2 GiB more); 2 for the PCA and the k-means
+        on it (a second each; the sample and its models wait for them); 1 for the raw
+        k-means' fit (2 s, before the sample's fits, since the longest score waits for it)
+        and the GMM (2 s, before spectral's 6 s fit on the same worker); 0 for the other
+        stages; -1 for the scores.
     alone : callable
         ``alone(job) -> bool``, asked once its needs are done: whether the stage's work
         takes every core of its host (the t-SNE fit runs its own threads) and should have
@@ -323,7 +325,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("load", _load, needs=("augment",)),  # reads what augment wrote, when it runs
     Stage("clean", _clean, needs=("load",)),
     # After clean: the short stages first, the raw k-means' fit once they are done.
-    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled, priority=2),
+    Stage("eda", _eda, needs=("clean",), enabled=lambda s: s.eda.enabled, priority=3),
     Stage("kmeans_raw", _kmeans_raw, needs=("clean",), enabled=_method_enabled("kmeans_raw"),
           priority=1),
     Stage("reduce", _reduce, needs=("clean",), enabled=lambda s: s.reduce.enabled, priority=2),
