@@ -98,7 +98,7 @@ def take_rows(X: da.Array, indices: np.ndarray) -> da.Array:
     Returns
     -------
     dask.array.Array of shape (size, ...)
-        The selected rows, in index order; lazy.
+        The selected rows, in index order; lazy, one block per block of X holding any.
     """
     _check_known_rows(X)
     indices = np.asarray(indices, dtype=np.int64)
@@ -110,26 +110,37 @@ def take_rows(X: da.Array, indices: np.ndarray) -> da.Array:
         raise ValueError("indices must be sorted and unique")
     if indices.size == X.shape[0]:
         return X  # every row: nothing to select
+    if indices.size == 0:
+        return X[:0]
     # Not X[indices]: dask's fancy indexing shuffles, and on a derived array (the lazily
     # scaled pixels) the scheduler then held every input block at once (the 16x evaluate
     # peak, docs/benchmarks.md "Scale"). One blockwise task per block fuses with the
     # block's producer instead.
     bounds = np.cumsum((0, *X.chunks[0]))
     cuts = np.searchsorted(indices, bounds)
-    counts = tuple(int(c) for c in np.diff(cuts))
+    counts = np.diff(cuts)
+    # Only the blocks holding a selected row: a few rows of pixels streamed from files
+    # would otherwise read every file (at 7 million rows, eda's nine sample images held
+    # every block read for its pixel counts until its selecting task ran: the job's peak
+    # memory 6.6 GiB instead of ~3.9; docs/benchmarks.md, "Session 19").
+    holding = np.flatnonzero(counts)
+    if len(holding) < len(counts):
+        X = X.blocks[holding]
+    # each index relative to its block's first row
+    local = indices - np.repeat(bounds[:-1], counts)
     # The indices travel once per worker as a task (ship): cut into a da.from_array, their
     # blocks would be data to produce, which the scheduler holds back while the workers
     # have other tasks, whatever the priorities (docs/benchmarks.md, "Session 15").
-    return da.map_blocks(_select_rows, X, indices=ship(indices), cuts=cuts,
-                         chunks=(counts, *X.chunks[1:]), dtype=X.dtype, meta=X._meta)
+    taken = tuple(int(c) for c in counts[holding])
+    return da.map_blocks(_select_rows, X, local=ship(local), cuts=np.cumsum((0, *taken)),
+                         chunks=(taken, *X.chunks[1:]), dtype=X.dtype, meta=X._meta)
 
 
-def _select_rows(block: np.ndarray, indices: np.ndarray, cuts: np.ndarray,
+def _select_rows(block: np.ndarray, local: np.ndarray, cuts: np.ndarray,
                  block_info: dict | None = None) -> np.ndarray:
-    """The rows of ``block`` whose positions in the whole array are in ``indices``."""
-    (start, _), *_ = block_info[0]["array-location"]
+    """The rows ``local[cuts[i]:cuts[i + 1]]`` (positions within the block) of block i."""
     i = block_info[0]["chunk-location"][0]
-    return block[indices[cuts[i]:cuts[i + 1]] - start]
+    return block[local[cuts[i]:cuts[i + 1]]]
 
 
 def uniform_row_sample(

@@ -103,14 +103,26 @@ def test_rows_are_taken_inside_each_block_of_a_derived_array():
     # (the 16x evaluate peak). take_rows must be one task per block, fused with its producer.
     x = np.arange(600, dtype=np.float32).reshape(200, 3)
     derived = da.from_array(x, chunks=(30, 3)) * 2
-    indices = np.array([0, 29, 30, 95, 199])
-    taken = take_rows(derived, indices)
-    np.testing.assert_array_equal(taken.compute(), x[indices] * 2)
-    assert taken.chunks[0] == (2, 1, 0, 1, 0, 0, 1)  # empty blocks stay empty
+    every_block = np.array([0, 29, 30, 60, 95, 120, 150, 199])  # a row or two in each block
+    taken = take_rows(derived, every_block)
+    np.testing.assert_array_equal(taken.compute(), x[every_block] * 2)
     (optimized,) = dask.optimize(taken)
-    names = {key_split(k) for k in optimized.__dask_graph__()}
+    names = [key_split(k) for k in optimized.__dask_graph__()]
     assert not any("shuffle" in name for name in names), names
     assert "mul" not in names  # the scaling ran inside the selecting task
+    # one selecting task per block; beside them only the source blocks and the indices
+    assert names.count("select_rows") == 7 and set(names) == {"select_rows", "array", "value"}
+
+    # Only the blocks holding selected rows are computed: of pixels streamed from files,
+    # a few rows would otherwise read every file.
+    few = np.array([0, 29, 30, 95, 199])
+    taken = take_rows(derived, few)
+    np.testing.assert_array_equal(taken.compute(), x[few] * 2)
+    assert taken.chunks[0] == (2, 1, 1, 1)
+    (optimized,) = dask.optimize(taken)
+    produced = [k for k in optimized.__dask_graph__() if "mul" in key_split(k)]
+    assert len(produced) == 4  # of the 7 blocks
+    assert take_rows(derived, np.array([], dtype=np.int64)).compute().shape == (0, 3)
 
 
 def test_whole_data_when_size_reaches_the_rows(projected):
