@@ -13,6 +13,7 @@ the per-method outputs are gathered in the table's order, not in finishing order
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -258,16 +259,15 @@ class Stage:
     enabled : callable
         ``enabled(spec) -> bool``: whether the spec runs it.
     priority : int
-        Dask priority of the stage's tasks: while stages share the workers, the ready tasks
-        of the higher one run first. Without it the oldest graph goes first, and a model fit
-        of a second waits behind the hundreds of silhouette tasks submitted before it.
-        On a cluster of one host it also orders the stages themselves: a stage of priority 0
-        or more does not start while one of higher priority is ready or running. Task
-        priorities cannot stop a task that runs: the fits are single tasks of seconds that
-        run threads on every core, and beside the raw k-means' fit the PCA and the k-means
-        on it took 4.3 s instead of 1.8 s (docs/benchmarks.md, "Session 19"). The scores
-        (negative) are hundreds of short tasks, which their task priority alone puts behind
-        the rest: they start at once and fill the cores the others leave. The job's levels,
+        Negative (the scores): the Dask priority of the stage's tasks, so that the other
+        stages' ready tasks run first; without it the oldest graph goes first, and a model
+        fit of a second waited behind the hundreds of silhouette tasks submitted before it.
+        Such a stage starts as soon as its needs are done and fills the cores the others
+        leave. 0 or more: on a cluster of one host the stage does not start while one of
+        higher priority is ready or running. Task priorities cannot stop a task that runs:
+        the fits are single tasks of seconds that run threads on every core, and beside the
+        raw k-means' fit the PCA and the k-means on it took 4.3 s instead of 1.8 s
+        (docs/benchmarks.md, "Session 19"). The job's levels,
         among the stages ready at the same time the short ones first: 3 for the look at the
         data (0.5 s; beside the PCA at 1.12 million rows, their tasks interleaved, it took
         13.7 s instead of 3.8 s, the job's peak memory 5.6 GiB instead of 2.1); 2 for the
@@ -380,6 +380,18 @@ def _to_start(ready: list[Stage], running: list[Stage],
     return shared if shared or running else ready[:1]
 
 
+def _task_priority(priority: int) -> contextlib.AbstractContextManager:
+    """The Dask priority of the tasks a stage of ``priority`` submits: negative ones only.
+
+    The other stages are ordered as stages (see :class:`Stage`) and their tasks keep no
+    annotation: at 7 million rows, pixels streamed from files, the look at the data with
+    its tasks at priority 3 raised the job's memory to 6.7 GiB, against 3.3 GiB with them
+    at 0 (as the clean stage's reading tasks) or unannotated (docs/benchmarks.md, "Session
+    19"; how the scheduler came to hold the blocks read was not pinned down).
+    """
+    return dask.annotate(priority=priority) if priority < 0 else contextlib.nullcontext()
+
+
 def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
     """Run ``stages`` (from :func:`enabled_stages`), each in its own thread once its needs
     are done; return when all are done.
@@ -401,7 +413,7 @@ def run_stages(job: JobState, stages: dict[str, Stage]) -> None:
     def work(stage: Stage) -> None:
         try:
             with job.run.stage(stage.name, logger.info) as record, \
-                    dask.annotate(priority=stage.priority):
+                    _task_priority(stage.priority):
                 output, details = stage.run(job)
                 record.update(details or {})
             job.outputs[stage.name] = output
