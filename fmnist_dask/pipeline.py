@@ -266,7 +266,7 @@ class Stage:
         leave. 0 or more: on a cluster of one host the stage does not start while one of
         higher priority is ready or running. Task priorities cannot stop a task that runs:
         the fits are single tasks of seconds that run threads on every core, and beside the
-        raw k-means' fit the PCA and the k-means on it took 4.3 s instead of 1.8 s
+        raw k-means' fit the PCA and the k-means on it took 4.3 s instead of 1.7 s
         (docs/benchmarks.md, "Session 19"). The job's levels,
         among the stages ready at the same time the short ones first: 3 for the look at the
         data (0.5 s; beside the PCA at 1.12 million rows, their tasks interleaved, it took
