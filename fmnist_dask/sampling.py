@@ -120,9 +120,8 @@ def take_rows(X: da.Array, indices: np.ndarray) -> da.Array:
     cuts = np.searchsorted(indices, bounds)
     counts = np.diff(cuts)
     # Only the blocks holding a selected row: a few rows of pixels streamed from files
-    # would otherwise read every file (at 7 million rows, eda's nine sample images held
-    # every block read for its pixel counts until its selecting task ran: the job's peak
-    # memory 6.6 GiB instead of ~3.9; docs/benchmarks.md, "Session 19").
+    # (eda's nine sample images, evaluate's images per cluster) would otherwise read every
+    # file, 700 of them at 7 million rows.
     holding = np.flatnonzero(counts)
     if len(holding) < len(counts):
         X = X.blocks[holding]
