@@ -267,14 +267,14 @@ class Stage:
         higher priority is ready or running. Task priorities cannot stop a task that runs:
         the fits are single tasks of seconds that run threads on every core, and beside the
         raw k-means' fit the PCA and the k-means on it took 4.3 s instead of 1.7 s
-        (docs/benchmarks.md, "Session 19"). The job's levels,
-        among the stages ready at the same time the short ones first: 3 for the look at the
-        data (0.5 s; beside the PCA at 1.12 million rows, their tasks interleaved, it took
-        13.7 s instead of 3.8 s, the job's peak memory 5.6 GiB instead of 2.1); 2 for the
-        PCA and the k-means on it (a second each; the sample and its models wait for them);
-        1 for the raw k-means' fit (2 s, before the sample's fits, since the longest score
-        waits for it) and the GMM (2 s, before spectral's 6 s fit on the same worker); 0
-        for the other stages; -1 for the scores.
+        (docs/benchmarks.md, "Session 19"). On several hosts it has no effect. The job's
+        levels, among the stages ready at the same time the short ones first: 3 for the
+        look at the data (0.5 s; beside the PCA at 1.12 million rows, their tasks
+        interleaved, it took 13.7 s instead of 3.8 s, the job's peak memory 5.6 GiB instead
+        of 2.1); 2 for the PCA and the k-means on it (a second each; the sample and its
+        models wait for them); 1 for the raw k-means' fit (2 s, before the sample's fits,
+        since the longest score waits for it) and the GMM (2 s, before spectral's 6 s fit
+        on the same worker); 0 for the other stages; -1 for the scores.
     alone : callable
         ``alone(job) -> bool``, asked once its needs are done: whether the stage's work
         takes every core of its host (the t-SNE fit runs its own threads) and should have
